@@ -1,0 +1,21 @@
+# The two commands a new user needs (see README):
+#   make demo   set up on a fresh machine and run the whole pipeline on the embedded world
+#   make test   set up on a fresh machine and run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test lint
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	$(VENV)/bin/unifilter demo
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test:
+	UNIFILTER_BROWSER=1 bash scripts/setup.sh
+	$(PY) -m pytest -q
