@@ -1,0 +1,419 @@
+"""The :class:`Catalog`: the DuckDB file ``<data root>/unifilter.duckdb`` and every operation on it."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from unifilter_core.catalog import schema
+from unifilter_core.catalog._locking import maybe_pause, run_read, run_write
+from unifilter_core.catalog.ledger import LEDGER_FIELDS, parse_ledger
+from unifilter_core.catalog.records import TarRecord, as_timestamp, tar_record
+from unifilter_core.catalog.stats import ScoreStats, compute_score_stats
+from unifilter_core.catalog.thresholds import (
+    ThresholdRow,
+    format_table,
+    query_thresholds,
+    validate_selection,
+)
+from unifilter_core.paths import catalog_path, data_root, partition_key
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_KEEP_FRACTION = 0.3
+_GLOB_SPECIALS = set("*?[]{}")
+
+
+class Catalog:
+    """The DuckDB catalog: tar registry, lineage, score statistics, thresholds, generation ledger, scores view.
+
+    Every write is one transaction on a short-lived connection under an exclusive lock on ``<db>.lock``, so
+    several processes may call these methods at once; reads use read-only connections under a shared lock.
+
+    Args:
+        path: the DuckDB file; default ``<root>/unifilter.duckdb``.
+        root: the data root (score parquet live under ``<root>/scores``); default the parent of ``path`` when
+            ``path`` is given, else :func:`unifilter_core.paths.data_root`.
+        create: create the file and schema when missing; when False a missing catalog raises.
+        lock_timeout: seconds to wait for another process's write before raising ``CatalogBusyError``.
+
+    Raises:
+        FileNotFoundError: ``create`` is False and the catalog does not exist.
+        ValueError: the data root contains glob characters (``*?[]{}``) that would break the scores view.
+    """
+
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        *,
+        root: str | Path | None = None,
+        create: bool = True,
+        lock_timeout: float = 300.0,
+    ) -> None:
+        if root is not None:
+            self.root = Path(root).expanduser().resolve()
+        elif path is not None:
+            self.root = Path(path).expanduser().resolve().parent
+        else:
+            self.root = data_root()
+        self.path = Path(path).expanduser().resolve() if path is not None else catalog_path(self.root)
+        if _GLOB_SPECIALS & set(str(self.root)):
+            raise ValueError(
+                f"data root {self.root} contains glob characters {''.join(sorted(_GLOB_SPECIALS))}"
+            )
+        self.lock_timeout = float(lock_timeout)
+        if not self.path.exists():
+            if not create:
+                raise FileNotFoundError(
+                    f"no catalog at {self.path}; run `unifilter demo` or materialize tar_manifest first"
+                )
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.ensure_schema()
+        elif create and self._read(schema.current_version) < schema.SCHEMA_VERSION:
+            self.ensure_schema()
+
+    def __repr__(self) -> str:
+        return f"Catalog({str(self.path)!r}, root={str(self.root)!r})"
+
+    # -- plumbing -------------------------------------------------------------------------------------------
+
+    def _write(self, work: Any) -> Any:
+        return run_write(self.path, work, timeout=self.lock_timeout)
+
+    def _read(self, work: Any) -> Any:
+        return run_read(self.path, work, timeout=self.lock_timeout)
+
+    @property
+    def scores_glob(self) -> str:
+        """``<root>/scores/*/*.parquet``: every score table."""
+        return schema.scores_glob(self.root)
+
+    def ensure_schema(self) -> int:
+        """Create or upgrade the schema (idempotent); returns the version found before."""
+        return self._write(lambda conn: schema.migrate(conn, self.root))
+
+    def refresh_scores_view(self) -> None:
+        """Rebuild the ``scores`` view from the score parquet present now (empty view when there is none)."""
+        self._write(lambda conn: schema.create_scores_view(conn, self.root))
+
+    # -- tar registry ---------------------------------------------------------------------------------------
+
+    def register_tars(self, rows: Iterable[TarRecord | Mapping[str, Any]]) -> int:
+        """Insert or update tars by ``partition_key`` (idempotent; ``registered_at`` keeps its first value).
+
+        Returns:
+            The number of rows given.
+        """
+        records = [tar_record(r) for r in rows]
+        now = schema.utcnow()
+        params = [
+            [
+                r.partition_key,
+                r.source,
+                r.kind,
+                str(r.path),
+                r.size_bytes,
+                as_timestamp(r.mtime),
+                r.fingerprint,
+                now,
+                now,
+            ]
+            for r in records
+        ]
+        if not params:
+            return 0
+
+        def work(conn: duckdb.DuckDBPyConnection) -> None:
+            sql = """
+                INSERT INTO tars VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                ON CONFLICT (partition_key) DO UPDATE SET source = excluded.source, kind = excluded.kind,
+                    path = excluded.path, size_bytes = excluded.size_bytes, mtime = excluded.mtime,
+                    fingerprint = excluded.fingerprint, updated_at = excluded.updated_at"""
+            half = len(params) // 2
+            if half:
+                conn.executemany(sql, params[:half])
+            maybe_pause("register_tars_mid")
+            conn.executemany(sql, params[half:])
+
+        self._write(work)
+        return len(params)
+
+    def tars(self, source: str | None = None) -> list[TarRecord]:
+        """Registered tars (optionally of one source), by partition key."""
+        sql = (
+            "SELECT partition_key, source, path, kind, size_bytes, mtime, fingerprint FROM tars "
+            "WHERE ? IS NULL OR source = ? ORDER BY partition_key"
+        )
+        rows = self._read(lambda conn: conn.execute(sql, [source, source]).fetchall())
+        return [TarRecord(*r) for r in rows]
+
+    # -- lineage --------------------------------------------------------------------------------------------
+
+    def record_lineage(
+        self,
+        asset_key: str,
+        partition_key: str | None,
+        run_id: str,
+        *,
+        status: str,
+        code_version: str | None = None,
+        model_fingerprint: str | None = None,
+        input_fingerprint: str | None = None,
+        row_count: int | None = None,
+        started_at: datetime | float | None = None,
+        finished_at: datetime | float | None = None,
+    ) -> None:
+        """Record one materialization: replaces the latest row of (asset, partition), appends to history.
+
+        Recording the same (run_id, asset_key, partition_key) twice keeps one history row (the later one).
+        """
+        if not asset_key or not run_id or not status:
+            raise ValueError("record_lineage needs a non-empty asset_key, run_id and status")
+        values = [
+            asset_key,
+            partition_key,
+            run_id,
+            code_version,
+            model_fingerprint,
+            input_fingerprint,
+            row_count,
+            as_timestamp(started_at),
+            as_timestamp(finished_at),
+            status,
+            schema.utcnow(),
+        ]
+
+        def work(conn: duckdb.DuckDBPyConnection) -> None:
+            conn.execute(
+                "DELETE FROM lineage WHERE asset_key = ? AND partition_key IS NOT DISTINCT FROM ?",
+                [asset_key, partition_key],
+            )
+            maybe_pause("lineage_mid")
+            conn.execute("INSERT INTO lineage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
+            conn.execute(
+                "DELETE FROM lineage_history WHERE run_id = ? AND asset_key = ? "
+                "AND partition_key IS NOT DISTINCT FROM ?",
+                [run_id, asset_key, partition_key],
+            )
+            conn.execute("INSERT INTO lineage_history VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
+
+        self._write(work)
+
+    # -- score statistics -----------------------------------------------------------------------------------
+
+    def record_score_stats(self, partition_key: str, parquet_path: str | Path) -> ScoreStats:
+        """Summarise one score parquet into ``score_stats`` (replacing the partition's row) and keep the
+        ``scores`` view current. Statistics are computed before the lock is taken."""
+        stats = compute_score_stats(partition_key, parquet_path)
+        d = asdict(stats)
+        cols = list(d)
+        placeholders = ", ".join("MAP(?::VARCHAR[], ?::BIGINT[])" if c == "reasons" else "?" for c in cols)
+        params: list[Any] = []
+        for c in cols:
+            if c == "reasons":
+                params += [list(stats.reasons), list(stats.reasons.values())]
+            else:
+                params.append(d[c])
+        params.append(schema.utcnow())
+        sql = f"INSERT INTO score_stats ({', '.join(cols)}, updated_at) VALUES ({placeholders}, ?)"
+
+        def work(conn: duckdb.DuckDBPyConnection) -> None:
+            conn.execute("DELETE FROM score_stats WHERE partition_key = ?", [partition_key])
+            maybe_pause("score_stats_mid")
+            conn.execute(sql, params)
+            schema.refresh_view_if_needed(conn, self.root, stats.score_path)
+
+        self._write(work)
+        return stats
+
+    def score_stats(self, partition_key: str) -> dict[str, Any] | None:
+        """The ``score_stats`` row of a partition as a dict, or None."""
+
+        def work(conn: duckdb.DuckDBPyConnection) -> dict[str, Any] | None:
+            cur = conn.execute("SELECT * FROM score_stats WHERE partition_key = ?", [partition_key])
+            row = cur.fetchone()
+            return dict(zip([c[0] for c in cur.description], row, strict=True)) if row else None
+
+        return self._read(work)
+
+    def delete_partition(self, partition_key: str, *, keep_registry: bool = False) -> None:
+        """Remove a partition's ``score_stats`` and latest ``lineage`` rows, and its ``tars`` row unless
+        ``keep_registry``. ``lineage_history`` is an audit log and keeps its rows."""
+
+        def work(conn: duckdb.DuckDBPyConnection) -> None:
+            conn.execute("DELETE FROM score_stats WHERE partition_key = ?", [partition_key])
+            conn.execute("DELETE FROM lineage WHERE partition_key = ?", [partition_key])
+            if not keep_registry:
+                conn.execute("DELETE FROM tars WHERE partition_key = ?", [partition_key])
+            schema.refresh_view_if_needed(conn, self.root, None)
+
+        self._write(work)
+
+    def stale_partitions(self, model_fingerprint: str, source: str | None = None) -> list[str]:
+        """Registered tars whose score stats are missing or came from another model fingerprint."""
+        sql = """
+            SELECT t.partition_key FROM tars t LEFT JOIN score_stats s USING (partition_key)
+            WHERE (? IS NULL OR t.source = ?)
+              AND (s.partition_key IS NULL OR s.model_fingerprint IS DISTINCT FROM ?)
+            ORDER BY t.partition_key"""
+        rows = self._read(lambda conn: conn.execute(sql, [source, source, model_fingerprint]).fetchall())
+        return [r[0] for r in rows]
+
+    def missing_partitions(self, source: str | None = None) -> list[str]:
+        """Registered tars with no score stats yet."""
+        sql = """
+            SELECT t.partition_key FROM tars t ANTI JOIN score_stats s USING (partition_key)
+            WHERE ? IS NULL OR t.source = ? ORDER BY t.partition_key"""
+        return [r[0] for r in self._read(lambda conn: conn.execute(sql, [source, source]).fetchall())]
+
+    # -- thresholds -----------------------------------------------------------------------------------------
+
+    def compute_threshold(
+        self,
+        source: str | None = None,
+        keep_fraction: float | None = None,
+        absolute: float | None = None,
+        *,
+        record: bool = True,
+        model_fingerprint: str | None = None,
+    ) -> list[ThresholdRow]:
+        """Per-source thresholds over the ok rows of every score parquet.
+
+        Keep-fraction mode (default, ``keep_fraction=0.3`` when neither is given): with n ok scores in a
+        source, ``k = max(1, ceil(keep * n))`` and the threshold is the k-th highest score (the score at quantile
+        ``1 - keep``); ``kept = count(score >= threshold)``. Absolute mode: the threshold is ``absolute``.
+
+        Args:
+            source: one source, or None for every source.
+            keep_fraction: in (0, 1].
+            absolute: a finite score.
+            record: append the rows to ``thresholds`` (one ``selection_id`` per call).
+            model_fingerprint: only rows scored by this model.
+
+        Returns:
+            One row per source with ok scores, by source name (empty when nothing is scored yet).
+
+        Raises:
+            ValueError: invalid keep_fraction/absolute (checked before any work).
+        """
+        if absolute is None and keep_fraction is None:
+            keep_fraction = DEFAULT_KEEP_FRACTION
+        mode, value = validate_selection(keep_fraction, absolute)
+        rows: list[ThresholdRow] = []
+        if any((self.root / "scores").glob("*/*.parquet")):
+            conn = duckdb.connect(":memory:")  # parquet only: no catalog lock needed
+            try:
+                rows = query_thresholds(
+                    conn, self.scores_glob, mode, value, source=source, model_fingerprint=model_fingerprint
+                )
+            finally:
+                conn.close()
+        now = schema.utcnow()
+        for r in rows:
+            r.scored_at = now
+        if record and rows:
+            self._record_thresholds(rows)
+        return rows
+
+    def _record_thresholds(self, rows: Sequence[ThresholdRow]) -> None:
+        selection_id = uuid.uuid4().hex
+        params = [
+            [selection_id, r.source, r.mode, r.keep_fraction, r.threshold, r.kept, r.total, r.score_mean,
+             r.score_min, r.score_max, r.scored_at, r.model_fingerprint]
+            for r in rows
+        ]  # fmt: skip
+        sql = (
+            "INSERT INTO thresholds (selection_id, source, mode, keep_fraction, threshold, kept, total, "
+            "score_mean, score_min, score_max, scored_at, model_fingerprint) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        )
+        self._write(lambda conn: conn.executemany(sql, params))
+
+    def threshold_table(
+        self,
+        source: str | None = None,
+        keep_fraction: float | None = None,
+        absolute: float | None = None,
+        *,
+        record: bool = False,
+    ) -> str:
+        """:meth:`compute_threshold` formatted as a text table (not recorded unless asked)."""
+        return format_table(self.compute_threshold(source, keep_fraction, absolute, record=record))
+
+    # -- generation ledger ----------------------------------------------------------------------------------
+
+    def ingest_ledger(self, path: str | Path, kind: str | None = None) -> int:
+        """Upsert the latest event per ``request_id`` of one ``ledger.jsonl`` (idempotent; torn lines skipped).
+
+        Args:
+            path: the ledger file.
+            kind: the kind for events that carry none; default the ledger's folder name.
+
+        Returns:
+            The number of request ids upserted.
+        """
+        path = Path(path).resolve()
+        parsed = parse_ledger(path, kind=kind or path.parent.name)
+        if parsed.n_bad:
+            logger.warning("%s: %d unreadable line(s) skipped", path, parsed.n_bad)
+        now = schema.utcnow()
+        params = [[e[name] for name in LEDGER_FIELDS] + [str(path), now] for e in parsed.events]
+        if not params:
+            return 0
+        cols = ", ".join(LEDGER_FIELDS)
+        updates = ", ".join(f"{c} = excluded.{c}" for c in (*LEDGER_FIELDS[1:], "ledger_path", "ingested_at"))
+        sql = (
+            f"INSERT INTO generation_ledger ({cols}, ledger_path, ingested_at) "
+            f"VALUES ({', '.join('?' * (len(LEDGER_FIELDS) + 2))}) "
+            f"ON CONFLICT (request_id) DO UPDATE SET {updates}"
+        )
+        self._write(lambda conn: conn.executemany(sql, params))
+        return len(params)
+
+    def ingest_ledgers(self) -> int:
+        """Ingest every ``<root>/synthetic/<kind>/ledger.jsonl``; returns the request ids upserted."""
+        return sum(self.ingest_ledger(p) for p in sorted((self.root / "synthetic").glob("*/ledger.jsonl")))
+
+    # -- maintenance and ad-hoc queries ---------------------------------------------------------------------
+
+    def refresh(self) -> dict[str, int]:
+        """Schema upgrade, scores view rebuild, ledger ingestion and stats for score parquet not yet (or no
+        longer freshly) summarised. Returns counts of what was done."""
+        self.ensure_schema()
+        self.refresh_scores_view()
+        done = {"ledger_requests": self.ingest_ledgers(), "score_stats": 0}
+        have = dict(
+            self._read(
+                lambda conn: conn.execute("SELECT score_path, epoch(updated_at) FROM score_stats").fetchall()
+            )
+        )
+        for p in sorted((self.root / "scores").glob("*/*.parquet")):
+            rp = str(p.resolve())
+            if rp in have and have[rp] >= p.stat().st_mtime:
+                continue
+            try:
+                key = partition_key(p.parent.name, p)
+            except ValueError:
+                logger.warning("%s: not named <NNNN>.parquet, left out of score_stats", p)
+                continue
+            self.record_score_stats(key, p)
+            done["score_stats"] += 1
+        return done
+
+    def query(self, sql: str, params: Sequence[Any] | None = None) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """Run one SQL statement on a read-only connection (writes fail); returns (column names, rows)."""
+
+        def work(conn: duckdb.DuckDBPyConnection) -> tuple[list[str], list[tuple[Any, ...]]]:
+            cur = conn.execute(sql, list(params) if params else None)
+            if cur.description is None:
+                return [], []
+            return [c[0] for c in cur.description], cur.fetchall()
+
+        return self._read(work)

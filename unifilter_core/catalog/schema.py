@@ -1,0 +1,253 @@
+"""Catalog schema: table DDL, the schema version and the ``scores`` view.
+
+Table and column names are public interface (design.md "Catalog"): users run their own SQL against them.
+All timestamps are UTC ``TIMESTAMP`` values.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import duckdb
+
+#: Bump when the DDL changes; :func:`migrate` brings older catalogs up to date.
+SCHEMA_VERSION = 1
+
+#: Fixed histogram bins of ``score_stats.histogram``: 30 bins of width 0.1 over [0, 3] (the released head's
+#: level range). Scores below 0 count in the first bin, scores at or above 3 in the last.
+HIST_LO, HIST_HI, HIST_BINS = 0.0, 3.0, 30
+HIST_EDGES: list[float] = [
+    round(HIST_LO + i * (HIST_HI - HIST_LO) / HIST_BINS, 6) for i in range(HIST_BINS + 1)
+]
+
+#: Columns of the ``scores`` view, with their types (the score table of shared_api, minus ``detail``).
+SCORE_COLUMNS: dict[str, str] = {
+    "key": "VARCHAR",
+    "source": "VARCHAR",
+    "partition_key": "VARCHAR",
+    "uid": "VARCHAR",
+    "url": "VARCHAR",
+    "score": "FLOAT",
+    "status": "VARCHAR",
+    "reason": "VARCHAR",
+    "n_images": "INTEGER",
+    "n_tokens": "INTEGER",
+    "truncated": "BOOLEAN",
+    "model_fingerprint": "VARCHAR",
+}
+
+_TABLES = """
+CREATE TABLE IF NOT EXISTS schema_version (
+    version INTEGER NOT NULL,
+    applied_at TIMESTAMP NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tars (
+    partition_key VARCHAR PRIMARY KEY,
+    source VARCHAR NOT NULL,
+    kind VARCHAR,
+    path VARCHAR NOT NULL,
+    size_bytes BIGINT,
+    mtime TIMESTAMP,
+    fingerprint VARCHAR,
+    registered_at TIMESTAMP NOT NULL,
+    updated_at TIMESTAMP NOT NULL
+);
+CREATE TABLE IF NOT EXISTS lineage (
+    asset_key VARCHAR NOT NULL,
+    partition_key VARCHAR,
+    run_id VARCHAR NOT NULL,
+    code_version VARCHAR,
+    model_fingerprint VARCHAR,
+    input_fingerprint VARCHAR,
+    row_count BIGINT,
+    started_at TIMESTAMP,
+    finished_at TIMESTAMP,
+    status VARCHAR NOT NULL,
+    recorded_at TIMESTAMP NOT NULL
+);
+CREATE TABLE IF NOT EXISTS lineage_history (
+    asset_key VARCHAR NOT NULL,
+    partition_key VARCHAR,
+    run_id VARCHAR NOT NULL,
+    code_version VARCHAR,
+    model_fingerprint VARCHAR,
+    input_fingerprint VARCHAR,
+    row_count BIGINT,
+    started_at TIMESTAMP,
+    finished_at TIMESTAMP,
+    status VARCHAR NOT NULL,
+    recorded_at TIMESTAMP NOT NULL
+);
+CREATE TABLE IF NOT EXISTS score_stats (
+    partition_key VARCHAR PRIMARY KEY,
+    source VARCHAR,
+    score_path VARCHAR NOT NULL,
+    n_rows BIGINT NOT NULL,
+    n_ok BIGINT NOT NULL,
+    n_skipped BIGINT NOT NULL,
+    n_error BIGINT NOT NULL,
+    mean DOUBLE,
+    p05 DOUBLE,
+    p25 DOUBLE,
+    p50 DOUBLE,
+    p75 DOUBLE,
+    p95 DOUBLE,
+    min DOUBLE,
+    max DOUBLE,
+    histogram BIGINT[] NOT NULL,
+    hist_edges DOUBLE[] NOT NULL,
+    reasons MAP(VARCHAR, BIGINT) NOT NULL,
+    model_fingerprint VARCHAR,
+    updated_at TIMESTAMP NOT NULL
+);
+CREATE SEQUENCE IF NOT EXISTS thresholds_id_seq START 1;
+CREATE TABLE IF NOT EXISTS thresholds (
+    id BIGINT PRIMARY KEY DEFAULT nextval('thresholds_id_seq'),
+    selection_id VARCHAR NOT NULL,
+    source VARCHAR NOT NULL,
+    mode VARCHAR NOT NULL CHECK (mode IN ('keep_fraction', 'absolute')),
+    keep_fraction DOUBLE,
+    threshold DOUBLE,
+    kept BIGINT NOT NULL,
+    total BIGINT NOT NULL,
+    score_mean DOUBLE,
+    score_min DOUBLE,
+    score_max DOUBLE,
+    scored_at TIMESTAMP NOT NULL,
+    model_fingerprint VARCHAR
+);
+CREATE TABLE IF NOT EXISTS generation_ledger (
+    request_id VARCHAR PRIMARY KEY,
+    kind VARCHAR,
+    model VARCHAR,
+    mode VARCHAR,
+    status VARCHAR,
+    batch_id VARCHAR,
+    attempts INTEGER,
+    input_tokens BIGINT,
+    output_tokens BIGINT,
+    cache_creation_input_tokens BIGINT,
+    cache_read_input_tokens BIGINT,
+    cost_usd DOUBLE,
+    error VARCHAR,
+    error_detail VARCHAR,
+    n_images INTEGER,
+    prompt_version VARCHAR,
+    timestamp TIMESTAMP,
+    n_events INTEGER,
+    total_input_tokens BIGINT,
+    total_output_tokens BIGINT,
+    total_cost_usd DOUBLE,
+    ledger_path VARCHAR,
+    ingested_at TIMESTAMP NOT NULL
+);
+CREATE OR REPLACE VIEW sources AS
+SELECT t.source,
+       any_value(t.kind) AS kind,
+       count(*) AS n_tars,
+       sum(t.size_bytes) AS size_bytes,
+       count(s.partition_key) AS n_scored,
+       sum(s.n_rows) AS n_rows,
+       sum(s.n_ok) AS n_ok,
+       sum(s.n_skipped) AS n_skipped,
+       sum(s.n_error) AS n_error
+FROM tars t LEFT JOIN score_stats s USING (partition_key)
+GROUP BY t.source;
+"""
+
+
+def scores_glob(root: Path) -> str:
+    """The glob of every score parquet under the data root: ``<root>/scores/*/*.parquet``."""
+    return str(Path(root) / "scores" / "*" / "*.parquet")
+
+
+def sql_string_literal(value: str) -> str:
+    """A single-quoted SQL string literal (quotes doubled). Only for DDL, where DuckDB takes no parameters."""
+    if "\x00" in value:
+        raise ValueError("a NUL byte cannot appear in a catalog path")
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _present_columns(conn: duckdb.DuckDBPyConnection, root: Path) -> set[str]:
+    """Column names found in any score parquet (empty when there is none yet)."""
+    if not any((Path(root) / "scores").glob("*/*.parquet")):
+        return set()
+    rows = conn.execute("SELECT DISTINCT name FROM parquet_schema(?)", [scores_glob(root)]).fetchall()
+    return {r[0] for r in rows}
+
+
+def create_scores_view(conn: duckdb.DuckDBPyConnection, root: Path) -> None:
+    """(Re)create the ``scores`` view over the score parquet glob, or empty with the same columns.
+
+    DuckDB views cannot hold bound parameters, so the glob is a quoted literal built only from the data root.
+    A column no score file has yet reads as NULL, so the view always has :data:`SCORE_COLUMNS`. The view's
+    comment lists the columns read from files (``[]`` for the empty view), so updates can skip needless rebuilds.
+    """
+    present = _present_columns(conn, root)
+    cols = ", ".join(
+        f"CAST({name if name in present else 'NULL'} AS {typ}) AS {name}"
+        for name, typ in SCORE_COLUMNS.items()
+    )
+    if present:
+        src = f"read_parquet({sql_string_literal(scores_glob(root))}, union_by_name = true)"
+        conn.execute(f"CREATE OR REPLACE VIEW scores AS SELECT {cols} FROM {src}")
+    else:
+        conn.execute(f"CREATE OR REPLACE VIEW scores AS SELECT {cols} WHERE false")
+    in_view = sorted(present & set(SCORE_COLUMNS))
+    conn.execute(f"COMMENT ON VIEW scores IS {sql_string_literal(json.dumps(in_view))}")
+
+
+def refresh_view_if_needed(conn: duckdb.DuckDBPyConnection, root: Path, new_parquet: str | None) -> None:
+    """Keep the view in step cheaply: rebuild only when files appear/vanish or ``new_parquet`` brings columns
+    the view does not read yet."""
+    row = conn.execute("SELECT comment FROM duckdb_views() WHERE view_name = 'scores'").fetchone()
+    try:
+        in_view = set(json.loads(row[0])) if row and row[0] else None
+    except (TypeError, ValueError):
+        in_view = None
+    has_files = any((root / "scores").glob("*/*.parquet"))
+    if in_view is not None and has_files == bool(in_view):
+        if new_parquet is None or not has_files:
+            return
+        cols = {r[0] for r in conn.execute("SELECT name FROM parquet_schema(?)", [new_parquet]).fetchall()}
+        if (cols & set(SCORE_COLUMNS)) <= in_view:
+            return
+    create_scores_view(conn, root)
+
+
+def current_version(conn: duckdb.DuckDBPyConnection) -> int:
+    """The catalog's schema version (0 when the catalog is empty)."""
+    exists = conn.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_version'"
+    ).fetchone()
+    if not exists or not exists[0]:
+        return 0
+    row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
+def utcnow() -> datetime:
+    """Now, as a naive UTC datetime (the catalog's ``TIMESTAMP`` convention)."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def migrate(conn: duckdb.DuckDBPyConnection, root: Path) -> int:
+    """Create or upgrade the schema inside the caller's transaction; returns the version found before.
+
+    Raises:
+        RuntimeError: the catalog was written by a newer schema version than this code knows.
+    """
+    found = current_version(conn)
+    if found > SCHEMA_VERSION:
+        raise RuntimeError(
+            f"catalog schema version {found} is newer than this unifilter ({SCHEMA_VERSION}); upgrade unifilter"
+        )
+    if found < SCHEMA_VERSION:
+        for statement in _TABLES.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        conn.execute("INSERT INTO schema_version VALUES (?, ?)", [SCHEMA_VERSION, utcnow()])
+        create_scores_view(conn, root)
+    return found

@@ -1,0 +1,127 @@
+"""Per-tar score statistics, computed by DuckDB from one score parquet (no catalog lock needed)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+
+from unifilter_core.catalog.schema import HIST_BINS, HIST_EDGES, HIST_HI, HIST_LO
+
+_AGG_SQL = """
+SELECT count(*),
+       count(*) FILTER (WHERE status = 'ok'),
+       count(*) FILTER (WHERE status = 'skipped'),
+       count(*) FILTER (WHERE status = 'error'),
+       avg(score) FILTER (WHERE status = 'ok'),
+       quantile_cont(score, [0.05, 0.25, 0.5, 0.75, 0.95]) FILTER (WHERE status = 'ok'),
+       min(score) FILTER (WHERE status = 'ok'),
+       max(score) FILTER (WHERE status = 'ok'),
+       string_agg(DISTINCT model_fingerprint, ',' ORDER BY model_fingerprint),
+       any_value(source)
+FROM read_parquet(?)
+"""
+
+_HIST_SQL = """
+SELECT least(greatest(floor((score - ?) / ?), 0), ?)::INTEGER AS bin, count(*)
+FROM read_parquet(?)
+WHERE status = 'ok' AND isfinite(score)
+GROUP BY bin
+"""
+
+_REASONS_SQL = """
+SELECT reason, count(*) FROM read_parquet(?)
+WHERE reason IS NOT NULL GROUP BY reason ORDER BY reason
+"""
+
+
+@dataclass(slots=True)
+class ScoreStats:
+    """Summary of one score table (one row of ``score_stats``); quantiles are over ``status = 'ok'`` rows.
+
+    Attributes:
+        histogram: counts of ok scores over the fixed bins ``hist_edges`` (len(edges) - 1 bins).
+        reasons: reason code -> number of rows with it.
+    """
+
+    partition_key: str
+    source: str | None
+    score_path: str
+    n_rows: int
+    n_ok: int
+    n_skipped: int
+    n_error: int
+    mean: float | None
+    p05: float | None
+    p25: float | None
+    p50: float | None
+    p75: float | None
+    p95: float | None
+    min: float | None
+    max: float | None
+    histogram: list[int] = field(default_factory=list)
+    hist_edges: list[float] = field(default_factory=lambda: list(HIST_EDGES))
+    reasons: dict[str, int] = field(default_factory=dict)
+    model_fingerprint: str | None = None
+
+    def to_json(self) -> str:
+        """The stats as JSON (for Dagster metadata or logs)."""
+        from dataclasses import asdict
+
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+def compute_score_stats(partition_key: str, parquet_path: str | Path) -> ScoreStats:
+    """Read one score parquet with DuckDB and summarise it.
+
+    Args:
+        partition_key: the tar's partition key (``obelics_0042``).
+        parquet_path: the score table; must exist (one file, not a glob).
+
+    Raises:
+        FileNotFoundError: the parquet does not exist.
+    """
+    path = Path(parquet_path).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"score table {path} does not exist; score the tar first")
+    p = str(path)
+    conn = duckdb.connect(":memory:")
+    try:
+        row = conn.execute(_AGG_SQL, [p]).fetchone()
+        assert row is not None
+        n_rows, n_ok, n_skip, n_err, mean, qs, mn, mx, fps, source = row
+        width = (HIST_HI - HIST_LO) / HIST_BINS
+        hist = [0] * HIST_BINS
+        for b, n in conn.execute(_HIST_SQL, [HIST_LO, width, HIST_BINS - 1, p]).fetchall():
+            hist[int(b)] = int(n)
+        reasons = {str(r): int(n) for r, n in conn.execute(_REASONS_SQL, [p]).fetchall()}
+    finally:
+        conn.close()
+    qs = list(qs) if qs is not None else [None] * 5
+    return ScoreStats(
+        partition_key=partition_key,
+        source=source,
+        score_path=p,
+        n_rows=int(n_rows),
+        n_ok=int(n_ok),
+        n_skipped=int(n_skip),
+        n_error=int(n_err),
+        mean=_finite(mean),
+        p05=_finite(qs[0]),
+        p25=_finite(qs[1]),
+        p50=_finite(qs[2]),
+        p75=_finite(qs[3]),
+        p95=_finite(qs[4]),
+        min=_finite(mn),
+        max=_finite(mx),
+        histogram=hist,
+        reasons=reasons,
+        model_fingerprint=fps,
+    )
+
+
+def _finite(x: float | None) -> float | None:
+    return float(x) if x is not None and math.isfinite(float(x)) else None

@@ -1,0 +1,134 @@
+"""``unifilter thresholds`` and ``unifilter catalog sql|refresh``: the DuckDB catalog from the shell."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from unifilter_core.catalog import Catalog, CatalogBusyError, format_table, validate_selection
+from unifilter_core.cli import CLIError
+from unifilter_core.paths import catalog_path, data_root
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``thresholds`` and ``catalog`` subcommands."""
+    th = subparsers.add_parser(
+        "thresholds",
+        help="per-source score thresholds for a keep fraction (or an absolute score)",
+        description="Per source, the score that keeps the best --keep share of scored samples (default 0.3), "
+        "or the kept counts for an --absolute score, over every score table under the data root.",
+    )
+    _add_root(th)
+    mode = th.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--keep", type=float, default=None, metavar="F", help="keep fraction in (0, 1] (default 0.3)"
+    )
+    mode.add_argument(
+        "--absolute", type=float, default=None, metavar="X", help="keep samples with score >= X"
+    )
+    th.add_argument("--source", default=None, help="only this source")
+    th.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    th.add_argument("--record", action="store_true", help="also append the result to the thresholds table")
+    th.set_defaults(func=_cmd_thresholds)
+
+    cat = subparsers.add_parser("catalog", help="query or refresh the DuckDB catalog")
+    csub = cat.add_subparsers(dest="catalog_command", required=True, metavar="ACTION")
+    sql = csub.add_parser("sql", help="run one read-only SQL query against the catalog")
+    _add_root(sql)
+    sql.add_argument("query", help='e.g. "SELECT source, count(*) FROM scores GROUP BY source"')
+    sql.add_argument("--json", action="store_true", help="print rows as JSON objects")
+    sql.set_defaults(func=_cmd_sql)
+    ref = csub.add_parser(
+        "refresh", help="create/upgrade the schema, rebuild the scores view, ingest ledgers, fill score_stats"
+    )
+    _add_root(ref)
+    ref.set_defaults(func=_cmd_refresh)
+
+
+def _add_root(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", default=None, help="data root (default $UNIFILTER_HOME or ./.unifilter)")
+
+
+def _open(root: str | None, *, create: bool) -> Catalog:
+    r = data_root(root)
+    try:
+        return Catalog(catalog_path(r), root=r, create=create)
+    except FileNotFoundError:
+        raise CLIError(
+            f"no catalog at {catalog_path(r)}; run `unifilter demo`, materialize tar_manifest, "
+            "or `unifilter catalog refresh --root DIR`"
+        ) from None
+    except (ValueError, RuntimeError, CatalogBusyError) as exc:
+        raise CLIError(str(exc)) from None
+
+
+def _cmd_thresholds(args: argparse.Namespace) -> int:
+    if args.keep is None and args.absolute is None:
+        args.keep = 0.3
+    try:
+        validate_selection(args.keep, args.absolute)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    catalog = _open(args.root, create=False)
+    try:
+        rows = catalog.compute_threshold(args.source, args.keep, args.absolute, record=args.record)
+    except (duckdb.Error, CatalogBusyError) as exc:
+        raise CLIError(f"threshold query failed: {exc}") from None
+    if not rows:
+        where = f" for source {args.source!r}" if args.source else ""
+        raise CLIError(f"no scored samples{where} under {catalog.root / 'scores'}; score some tars first")
+    if args.json:
+        print(json.dumps([r.to_dict() for r in rows], indent=2))
+    else:
+        print(format_table(rows))
+    return 0
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (_dt.datetime, _dt.date, _dt.time)):
+        return v.isoformat()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, (bytes, bytearray)):
+        return v.hex()
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
+def _cmd_sql(args: argparse.Namespace) -> int:
+    catalog = _open(args.root, create=False)
+    try:
+        cols, rows = catalog.query(args.query)
+    except duckdb.Error as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CLIError(f"query failed (the catalog is opened read-only): {first}") from None
+    if args.json:
+        print(json.dumps([{c: _jsonable(v) for c, v in zip(cols, r, strict=True)} for r in rows], indent=2))
+        return 0
+    if cols:
+        print("\t".join(cols))
+        for r in rows:
+            print("\t".join("" if v is None else str(v) for v in r))
+    return 0
+
+
+def _cmd_refresh(args: argparse.Namespace) -> int:
+    catalog = _open(args.root, create=True)
+    try:
+        done = catalog.refresh()
+    except (duckdb.Error, CatalogBusyError) as exc:
+        raise CLIError(f"refresh failed: {exc}") from None
+    print(f"catalog {catalog.path}: {done['score_stats']} score table(s) summarised, "
+          f"{done['ledger_requests']} ledger request(s) ingested")  # fmt: skip
+    return 0
