@@ -1,0 +1,159 @@
+"""Caption samples in the DataComp / img2dataset layout: ``<key>.{jpg|jpeg|png|webp}`` + ``<key>.txt`` + ``<key>.json``.
+
+Text: the ``txt`` member (UTF-8, a leading BOM removed, otherwise kept as is); when it is absent, empty or only
+whitespace, the json's ``caption`` field. No usable text -> ``missing_text`` (``empty_member`` when the only text
+source was a zero-byte ``txt``). Image: the first of :data:`~unifilter_core.data.tars.IMAGE_EXTS` present.
+The ``json`` member is optional; when present it must be a JSON object whose well-known fields have the right
+types (:data:`CAPTION_FIELD_TYPES`), else ``json_decode_error`` / ``invalid_fields``. A zero-byte json counts as
+absent. Failures carry ``uid``/``url`` in ``SampleFailure.extra`` when the json was readable, so score tables
+can still say which sample failed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from unifilter_core.data.images import decode_image
+from unifilter_core.data.limits import ReaderLimits
+from unifilter_core.data.tars import IMAGE_EXTS, RawSample
+from unifilter_core.records import Reason, SampleFailure
+
+logger = logging.getLogger(__name__)
+
+#: img2dataset json fields we rely on and the types they may have (None is always allowed).
+CAPTION_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "uid": (str, int),
+    "url": (str,),
+    "caption": (str,),
+    "key": (str, int),
+    "status": (str,),
+    "width": (int, float),
+    "height": (int, float),
+    "original_width": (int, float),
+    "original_height": (int, float),
+}
+
+
+@dataclass(slots=True)
+class CaptionSample:
+    """A decoded image-caption pair.
+
+    Attributes:
+        key: the sample's ``__key__``.
+        image: the decoded image, mode ``RGB``.
+        text: the caption (cut to ``max_text_chars`` when ``text_truncated``).
+        meta: the sample json (empty when absent); ``uid`` and ``key`` are normalised to str when present.
+        text_truncated: True when the caption was longer than ``ReaderLimits.max_text_chars``.
+    """
+
+    key: str
+    image: Image.Image
+    text: str
+    meta: dict[str, Any] = field(default_factory=dict)
+    text_truncated: bool = False
+
+    @property
+    def uid(self) -> str | None:
+        return self.meta.get("uid")
+
+    @property
+    def url(self) -> str | None:
+        return self.meta.get("url")
+
+
+def parse_json_member(data: bytes, what: str) -> dict[str, Any] | SampleFailure:
+    """Parse a JSON object member; broken JSON, deep nesting and non-objects become failures."""
+    try:
+        obj = json.loads(data)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return SampleFailure(Reason.JSON_DECODE_ERROR, f"{what}: {type(exc).__name__}: {str(exc)[:200]}")
+    if not isinstance(obj, dict):
+        return SampleFailure(
+            Reason.INVALID_FIELDS, f"{what} is a {type(obj).__name__}, expected a JSON object"
+        )
+    return obj
+
+
+def _check_fields(meta: dict[str, Any]) -> SampleFailure | None:
+    for name, types in CAPTION_FIELD_TYPES.items():
+        value = meta.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
+            return SampleFailure(
+                Reason.INVALID_FIELDS,
+                f"json field {name!r} is a {type(value).__name__}, expected {types[0].__name__}",
+            )
+    for name in ("uid", "key"):
+        if meta.get(name) is not None:
+            meta[name] = str(meta[name])
+    return None
+
+
+def _ids(meta: dict[str, Any]) -> dict[str, Any]:
+    return {name: meta[name] for name in ("uid", "url") if isinstance(meta.get(name), str)}
+
+
+def _decode_text(raw: RawSample, meta: dict[str, Any]) -> str | SampleFailure:
+    txt = raw.members.get("txt")
+    if txt:
+        try:
+            text = txt.decode("utf-8").removeprefix("\ufeff")
+        except UnicodeDecodeError as exc:
+            return SampleFailure(Reason.TEXT_DECODE_ERROR, f"txt is not UTF-8: {exc}")
+        if text.strip():
+            return text
+    caption = meta.get("caption")
+    if isinstance(caption, str) and caption.strip():
+        return caption
+    if txt is not None and len(txt) == 0:
+        return SampleFailure(Reason.EMPTY_MEMBER, "txt member has 0 bytes and the json has no caption")
+    return SampleFailure(Reason.MISSING_TEXT, "no txt member text and no json caption")
+
+
+def _with_ids(failure: SampleFailure, meta: dict[str, Any]) -> SampleFailure:
+    failure.extra.update(_ids(meta))
+    return failure
+
+
+def decode_caption(raw: RawSample, limits: ReaderLimits | None = None) -> CaptionSample | SampleFailure:
+    """Decode one raw caption sample; never raises on bad data.
+
+    Args:
+        raw: a row from :func:`~unifilter_core.data.tars.iter_raw_samples`.
+        limits: decoding limits; defaults if None.
+
+    Returns:
+        A :class:`CaptionSample`, or ``raw.failure`` / a new :class:`SampleFailure` saying why not.
+    """
+    limits = limits or ReaderLimits()
+    if raw.failure is not None:
+        return raw.failure
+    meta: dict[str, Any] = {}
+    if raw.members.get("json"):
+        parsed = parse_json_member(raw.members["json"], "json member")
+        if isinstance(parsed, SampleFailure):
+            return parsed
+        meta = parsed
+        bad = _check_fields(meta)
+        if bad is not None:
+            return bad
+    text = _decode_text(raw, meta)
+    if isinstance(text, SampleFailure):
+        return _with_ids(text, meta)
+    ext = next((e for e in IMAGE_EXTS if e in raw.members), None)
+    if ext is None:
+        return _with_ids(
+            SampleFailure(Reason.MISSING_IMAGE, f"no image member ({'|'.join(IMAGE_EXTS)})"), meta
+        )
+    image = decode_image(raw.members[ext], limits)
+    if isinstance(image, SampleFailure):
+        image.detail = f"{ext}: {image.detail}"
+        return _with_ids(image, meta)
+    truncated = len(text) > limits.max_text_chars
+    if truncated:
+        text = text[: limits.max_text_chars]
+    return CaptionSample(key=raw.key, image=image, text=text, meta=meta, text_truncated=truncated)

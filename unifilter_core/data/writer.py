@@ -1,0 +1,192 @@
+"""Atomic writers: the filtered webdataset tar and JSON manifests.
+
+Every file is written to a hidden temporary file in the destination folder, flushed and fsynced, then renamed
+into place (``os.replace``) and the folder fsynced, so a crash leaves either the previous file or the complete
+new one, never a partial file under the final name (at worst a ``.<name>.*.tmp`` file, which readers ignore).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from unifilter_core.data.limits import ReaderLimits
+from unifilter_core.data.tars import is_unsafe_member_name, iter_raw_samples, split_key
+from unifilter_core.records import Reason
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class FilteredTarSummary:
+    """What :func:`write_filtered_tar` did. ``kept + dropped + unsafe`` equals the reader's row count.
+
+    Attributes:
+        kept: samples written (each with all its original members).
+        dropped: rows not written: keys not in ``keep_keys``, and rows the reader flagged (truncated, duplicate,
+            oversized...) even when their key was in ``keep_keys``.
+        unsafe: rows for members whose names are absolute or contain ``..`` (never written).
+        failed_kept: of ``dropped``, rows whose key was in ``keep_keys`` but that the reader flagged.
+        missing: keys of ``keep_keys`` that the tar does not contain.
+        members_written: tar members written.
+        source_incomplete: the source tar was truncated or partly unreadable.
+    """
+
+    kept: int = 0
+    dropped: int = 0
+    unsafe: int = 0
+    failed_kept: int = 0
+    missing: int = 0
+    members_written: int = 0
+    source_incomplete: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable; a no-op where directories cannot be opened (e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some filesystems refuse fsync on directories; the rename itself already happened
+        logger.debug("fsync of %s failed: %s", folder, exc)
+    finally:
+        os.close(fd)
+
+
+def _check_destination(out_path: str | os.PathLike[str]) -> Path:
+    out = Path(out_path)
+    if out.name in ("", ".", ".."):
+        raise ValueError(f"output path {str(out_path)!r} must name a file")
+    out = out.parent.resolve() / out.name
+    if out.is_dir():
+        raise ValueError(f"output path {out} is a directory; give the file to write, e.g. {out}/00000000.tar")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output(out_path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """Open a temporary file next to ``out_path``; on success fsync it and rename it to ``out_path``.
+
+    The parent folder is created if needed. On an exception the temporary file is removed and the exception
+    propagates; ``out_path`` is untouched.
+
+    Raises:
+        ValueError: when ``out_path`` is a directory or names no file.
+    """
+    out = _check_destination(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp: Path | None = None
+    try:
+        with tempfile.NamedTemporaryFile(
+            dir=out.parent, prefix=f".{out.name}.", suffix=".tmp", delete=False
+        ) as handle:
+            tmp = Path(handle.name)
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        raise
+    _fsync_dir(out.parent)
+
+
+def write_manifest_json(path: str | os.PathLike[str], data: dict[str, Any]) -> Path:
+    """Write ``data`` as indented, key-sorted JSON, atomically.
+
+    Raises:
+        TypeError / ValueError: when ``data`` is not JSON-serialisable (or holds NaN); nothing is written then.
+    """
+    text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False, ensure_ascii=False) + "\n"
+    with atomic_output(path) as handle:
+        handle.write(text.encode("utf-8"))
+    return Path(path)
+
+
+def _tarinfo(name: str, size: int, mtime: int) -> tarfile.TarInfo:
+    """A plain-file header: original name and mtime; mode 0644 and no owner (nothing setuid from strangers)."""
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = mtime
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def write_filtered_tar(
+    src_tar: str | os.PathLike[str],
+    keep_keys: set[str],
+    out_path: str | os.PathLike[str],
+    *,
+    limits: ReaderLimits | None = None,
+) -> FilteredTarSummary:
+    """Copy the samples of ``src_tar`` whose key is in ``keep_keys`` into a new webdataset tar, atomically.
+
+    Members are copied byte for byte with their original names, in source order, so stock ``webdataset`` and
+    ``tar`` read the result. Rows the reader flags are never written (a duplicate key keeps only its first
+    occurrence; a truncated sample is left out), nor is any member whose name is absolute or contains ``..``.
+    The output is one file: a temporary file in ``out_path``'s folder, fsynced and renamed into place.
+
+    Args:
+        src_tar: the source tar.
+        keep_keys: the ``__key__`` values to keep.
+        out_path: the tar file to write (its folder is created if needed).
+        limits: reader limits (``max_member_bytes``); use the ones the scoring run used.
+
+    Returns:
+        Counts of what was kept, dropped and refused.
+
+    Raises:
+        ValueError: when ``out_path`` is a directory or the source tar itself.
+    """
+    src = Path(src_tar).resolve()
+    out = _check_destination(out_path)
+    if out == src:
+        raise ValueError(f"output {out} is the source tar; write the filtered tar elsewhere")
+    summary = FilteredTarSummary()
+    written: set[str] = set()
+    seen: set[str] = set()
+    with (
+        atomic_output(out) as handle,
+        tarfile.open(fileobj=handle, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
+        for raw in iter_raw_samples(src, limits=limits):
+            failure = raw.failure
+            if failure is not None and failure.reason == Reason.UNSAFE_MEMBER_NAME:
+                summary.unsafe += 1
+                continue
+            seen.add(raw.key)
+            if failure is not None and failure.reason in (Reason.TAR_TRUNCATED, Reason.TAR_READ_ERROR):
+                summary.source_incomplete = True
+            if raw.key not in keep_keys or failure is not None or raw.key in written:
+                summary.dropped += 1
+                summary.failed_kept += int(raw.key in keep_keys and failure is not None)
+                continue
+            for name, mtime in zip(raw.member_names, raw.member_mtimes, strict=True):
+                data = raw.members[split_key(name)[1] or ""]
+                if is_unsafe_member_name(name):  # defence in depth: the reader never groups these
+                    raise AssertionError(f"unsafe member name {name!r} reached the writer")
+                tar.addfile(_tarinfo(name, len(data), mtime), io.BytesIO(data))
+                summary.members_written += 1
+            written.add(raw.key)
+            summary.kept += 1
+    summary.missing = len(keep_keys - seen)
+    logger.info("filtered %s -> %s: %s", src.name, out, summary)
+    return summary
