@@ -1,0 +1,333 @@
+"""UniFilter quality classifier: SigLIP tower -> aapool projector -> image splicing -> Qwen body -> score head.
+
+Module tree (our names; ``checkpoint.py`` maps them to the released key names):
+``model.vision_tower`` (SiglipVisionModel), ``model.mm_projector.mlp_projector`` (Linear, GELU, Linear),
+``model.language_model`` (Qwen2Model / Qwen3Model, chosen by the text config's model_type), ``score``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, PreTrainedModel, SiglipVisionModel
+from transformers.utils import ModelOutput
+
+from unifilter_core.modeling.configuration_unifilter import UniFilterConfig, UniFilterQwen3Config
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class QualityScoringOutput(ModelOutput):
+    """Output of :class:`UniFilterForQualityScoring`.
+
+    Attributes:
+        loss: MSE (num_labels == 1) or cross-entropy (num_labels >= 2) when labels were given, else None.
+        logits: ``[B, num_labels]`` float32 head outputs.
+        pooled_hidden_state: ``[B, hidden]`` final-normed hidden state at each row's last real position.
+        attention_mask: ``[B, L]`` mask of the spliced sequence (1 = real token).
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    pooled_hidden_state: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+
+
+class AAPoolProjector(nn.Module):
+    """``aapool_mlp``: adaptive average pooling of the patch grid, then Linear -> exact GELU -> Linear."""
+
+    def __init__(self, vision_hidden: int, text_hidden: int, num_image_tokens: int) -> None:
+        super().__init__()
+        self.pooled_grid = math.isqrt(num_image_tokens)
+        self.mlp_projector = nn.Sequential(
+            nn.Linear(vision_hidden, text_hidden), nn.GELU(), nn.Linear(text_hidden, text_hidden)
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Pool and project patch features.
+
+        Args:
+            features: ``[N, P, C]`` patch tokens, P a perfect square, row-major patch order.
+
+        Returns:
+            ``[N, g*g, text_hidden]`` with g = sqrt(num_image_tokens).
+        """
+        n, p, c = features.shape
+        grid = math.isqrt(p)
+        if grid * grid != p:
+            raise ValueError(f"the tower produced {p} patch tokens, which is not a square grid")
+        maps = features.transpose(1, 2).reshape(n, c, grid, grid)  # (N, C, grid, grid)
+        pooled = F.adaptive_avg_pool2d(maps, self.pooled_grid)  # (N, C, g, g)
+        tokens = pooled.flatten(2).transpose(1, 2)  # (N, g*g, C)
+        return self.mlp_projector(tokens)
+
+
+class UniFilterModel(nn.Module):
+    """Container for the three parts; holds no forward logic of its own beyond calling them."""
+
+    def __init__(self, config: UniFilterConfig) -> None:
+        super().__init__()
+        self.vision_tower = SiglipVisionModel(config.vision_config)
+        self.mm_projector = AAPoolProjector(
+            config.vision_config.hidden_size, config.text_config.hidden_size, config.num_image_tokens
+        )
+        self.language_model = AutoModel.from_config(config.text_config)
+
+
+def splice_image_features(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    image_features: torch.Tensor | None,
+    embed_tokens: nn.Module,
+    image_token_index: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace each image sentinel by that image's feature vectors (images consumed in row-major order).
+
+    Args:
+        input_ids: ``[B, T]`` ids with ``image_token_index`` at image positions, right padded.
+        attention_mask: ``[B, T]`` 1 for real tokens (a prefix of each row), 0 for padding.
+        image_features: ``[N, K, H]`` projected features, N = number of sentinels in the real tokens.
+        embed_tokens: the text embedding table.
+        image_token_index: the sentinel id (-200).
+
+    Returns:
+        ``(inputs_embeds [B, L, H], attention_mask [B, L])``, right padded with zeros, L = longest spliced row.
+
+    Raises:
+        ValueError: when the mask is not right padding or the sentinel and image counts differ.
+    """
+    mask = attention_mask.to(torch.bool)
+    lengths = mask.sum(dim=1)
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    if not torch.equal(mask, positions[None, :] < lengths[:, None]):
+        raise ValueError("attention_mask must be right padding: ones for the real tokens, then zeros")
+    is_image = (input_ids == image_token_index) & mask
+    n_sentinels = int(is_image.sum())
+    n_images = 0 if image_features is None else image_features.shape[0]
+    if n_sentinels != n_images:
+        raise ValueError(
+            f"input_ids hold {n_sentinels} image sentinels ({image_token_index}) but {n_images} images were "
+            "given; pass exactly one image per sentinel, in the order the sentinels appear row by row"
+        )
+    safe_ids = torch.where(
+        is_image | ~mask, torch.zeros_like(input_ids), input_ids
+    )  # pad ids may be anything
+    text_embeds = embed_tokens(safe_ids)  # (B, T, H)
+    k = 0 if image_features is None else image_features.shape[1]
+    widths = torch.where(is_image, k, 1) * mask  # tokens each position expands to
+    starts = torch.cumsum(widths, dim=1) - widths  # (B, T) output position of each input token
+    new_lengths = widths.sum(dim=1)
+    out_len = int(new_lengths.max()) if new_lengths.numel() else 0
+    batch, _, hidden = text_embeds.shape
+    embeds = text_embeds.new_zeros(batch, out_len, hidden)
+    text_pos = mask & ~is_image
+    rows = torch.arange(batch, device=input_ids.device)[:, None].expand_as(input_ids)
+    embeds[rows[text_pos], starts[text_pos]] = text_embeds[text_pos]
+    if n_images:
+        img_rows = rows[is_image][:, None].expand(-1, k)  # (N, K)
+        img_cols = starts[is_image][:, None] + torch.arange(k, device=input_ids.device)  # (N, K)
+        embeds[img_rows, img_cols] = image_features.to(embeds.dtype)
+    new_mask = torch.arange(out_len, device=input_ids.device)[None, :] < new_lengths[:, None]
+    return embeds, new_mask.to(attention_mask.dtype)
+
+
+def scores_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Scalar quality scores from head logits.
+
+    Args:
+        logits: ``[B, num_labels]``.
+
+    Returns:
+        ``[B]`` float32: the raw output for one label, else the expected level ``sum_k k * softmax_k``
+        (equal to P(class 1) for two classes).
+    """
+    logits = logits.float()
+    if logits.shape[-1] == 1:
+        return logits[:, 0]
+    levels = torch.arange(logits.shape[-1], device=logits.device, dtype=torch.float32)
+    return (logits.softmax(dim=-1) * levels).sum(dim=-1)
+
+
+class UniFilterForQualityScoring(PreTrainedModel):
+    """The UniFilter quality classifier (``llava_qwen``: Qwen2 body).
+
+    Load with :meth:`from_pretrained` (released layout or our saves, no network); save with
+    :meth:`save_pretrained` (released layout).
+    """
+
+    config_class = UniFilterConfig
+    config: UniFilterConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+    _no_split_modules = ["SiglipEncoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"]
+    _keep_in_fp32_modules = ["score"]
+    accepts_loss_kwargs = False  # the loss is a plain mean over rows
+
+    def __init__(self, config: UniFilterConfig) -> None:
+        super().__init__(config)
+        self.model = UniFilterModel(config)
+        self.score = nn.Linear(config.text_config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.language_model.set_input_embeddings(value)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Project images to LLM input vectors.
+
+        Args:
+            pixel_values: ``[N, 3, H, W]`` normalized images (H = W = vision image_size).
+
+        Returns:
+            ``[N, num_image_tokens, text_hidden]``.
+        """
+        tower = self.model.vision_tower
+        pixel_values = pixel_values.to(dtype=tower.embeddings.patch_embedding.weight.dtype)
+        if self.config.vision_select_layer == -1:
+            # hidden_states[-1] is the encoder output before post_layernorm: skip the unused head
+            embeddings = tower.embeddings(pixel_values)  # (N, P, C)
+            features = tower.encoder(inputs_embeds=embeddings).last_hidden_state
+        else:
+            outputs = tower(pixel_values=pixel_values, output_hidden_states=True)
+            features = outputs.hidden_states[self.config.vision_select_layer]
+        return self.model.mm_projector(features)
+
+    def scores_from_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[B, num_labels]`` logits -> ``[B]`` float32 scores (see :func:`scores_from_logits`)."""
+        return scores_from_logits(logits)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> QualityScoringOutput:
+        """Score a batch.
+
+        Args:
+            input_ids: ``[B, T]`` long, right padded, with ``image_token_index`` (-200) at image positions.
+            attention_mask: ``[B, T]``; all ones when omitted.
+            pixel_values: ``[N, 3, H, W]`` for the N sentinels, in the order they appear row by row.
+            labels: ``[B]`` float levels (num_labels == 1) or class ids (num_labels >= 2).
+
+        Returns:
+            :class:`QualityScoringOutput` with float32 ``logits`` ``[B, num_labels]``.
+        """
+        kwargs.pop("num_items_in_batch", None)  # passed by transformers' Trainer; the loss is a plain mean
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        image_features = self.encode_images(pixel_values) if pixel_values is not None else None
+        embed = self.get_input_embeddings()
+        inputs_embeds, mask = splice_image_features(
+            input_ids, attention_mask, image_features, embed, self.config.image_token_index
+        )
+        batch, length = mask.shape
+        position_ids = torch.arange(length, device=mask.device)[None, :].expand(batch, -1)
+        outputs = self.model.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=mask,
+            position_ids=position_ids,
+            use_cache=False,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state  # (B, L, H), already final-normed
+        last = mask.sum(dim=1).long() - 1
+        if bool((last < 0).any()):
+            raise ValueError("every row needs at least one real token (attention_mask row of zeros)")
+        pooled = hidden[torch.arange(batch, device=hidden.device), last]  # (B, H)
+        logits = F.linear(pooled.float(), self.score.weight.float())  # (B, num_labels), head in fp32
+        loss = self._loss(logits, labels) if labels is not None else None
+        return QualityScoringOutput(loss=loss, logits=logits, pooled_hidden_state=pooled, attention_mask=mask)
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        labels = labels.to(logits.device)
+        if self.config.num_labels == 1:
+            return F.mse_loss(logits[:, 0], labels.float())
+        return F.cross_entropy(logits, labels.long())
+
+    @classmethod
+    def from_pretrained(  # type: ignore[override]
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *model_args: Any,
+        vision_tower: str | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+        attn_implementation: str = "sdpa",
+        **kwargs: Any,
+    ) -> UniFilterForQualityScoring:
+        """Load a checkpoint directory (released layout or our saves); never uses the network.
+
+        Args:
+            pretrained_model_name_or_path: an existing local checkpoint directory.
+            vision_tower: a local SigLIP directory to take the tower architecture/weights from when the
+                checkpoint lacks them (overrides ``mm_vision_tower``).
+            torch_dtype: e.g. ``torch.bfloat16`` or ``"bfloat16"``; default float32. The score head stays fp32.
+            attn_implementation: ``"sdpa"`` (default), ``"eager"`` or ``"flash_attention_2"``.
+            **kwargs: ``config=``/``dtype=`` as passed by the Auto classes; hub options are ignored.
+
+        Returns:
+            The model in eval mode; its class follows the checkpoint's ``model_type``.
+        """
+        from unifilter_core.modeling.checkpoint import load_model
+
+        if model_args:
+            raise TypeError("from_pretrained takes no positional arguments besides the path")
+        return load_model(
+            pretrained_model_name_or_path,
+            vision_tower=vision_tower,
+            torch_dtype=torch_dtype if torch_dtype is not None else kwargs.pop("dtype", None),
+            attn_implementation=attn_implementation,
+            config=kwargs.pop("config", None),
+            extra=kwargs,
+        )
+
+    def save_pretrained(  # type: ignore[override]
+        self, save_directory: str | Path, *, include_vision_weights: bool = True, **kwargs: Any
+    ) -> None:
+        """Write ``config.json`` and ``model.safetensors`` in the released layout.
+
+        Args:
+            save_directory: created if missing.
+            include_vision_weights: False leaves the tower weights out (they then come from ``mm_vision_tower``).
+            **kwargs: accepted for compatibility with transformers callers (e.g. Trainer); only
+                ``state_dict`` is used.
+        """
+        from unifilter_core.modeling.checkpoint import save_model
+
+        save_model(
+            self,
+            save_directory,
+            include_vision_weights=include_vision_weights,
+            state_dict=kwargs.get("state_dict"),
+        )
+
+
+class UniFilterQwen3ForQualityScoring(UniFilterForQualityScoring):
+    """UniFilter with a Qwen3 body (``llava_qwen3``); identical design."""
+
+    config_class = UniFilterQwen3Config
+    config: UniFilterQwen3Config
+
+
+MODEL_CLASSES: dict[str, type[UniFilterForQualityScoring]] = {
+    UniFilterConfig.model_type: UniFilterForQualityScoring,
+    UniFilterQwen3Config.model_type: UniFilterQwen3ForQualityScoring,
+}

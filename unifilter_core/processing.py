@@ -1,0 +1,387 @@
+"""Model input preparation: image preprocessing and caption / interleaved-document formatting.
+
+Follows the released UniFilter input format (reference-model.md, "Input format") with its documented bugs fixed:
+
+* captions: ``[BOS, -200, tokens("\\n" + caption)..., EOS]``; the caption limit (75 ids in the original) keeps EOS;
+* documents: text slots and ``<image>`` slots joined with ``"\\n\\n"``, ``BOS ... EOS``; documents over the image /
+  token limits come back as a :class:`SampleFailure` (a row with a reason) instead of vanishing;
+* images: padded to a grey square (``pad``, what training did) or stretched (``resize``, what the original scorer
+  did), following the checkpoint's ``image_aspect_ratio`` unless overridden.
+
+Everything here runs on CPU and is picklable, so a :class:`UniFilterProcessor` can be shipped to data-loader
+workers. Bad data never raises: it becomes a :class:`SampleFailure`; ``ValueError`` is reserved for caller bugs.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from unifilter_core.records import Reason, SampleFailure
+
+logger = logging.getLogger(__name__)
+
+IMAGE_TOKEN_INDEX = -200  # sentinel id replaced by an image's projected vectors
+IMAGE_TOKEN = "<image>"
+IMAGE_PLACEHOLDER = "<image-placeholder>"  # a literal "<image>" inside document text becomes this
+PAD_COLOR = (127, 127, 127)  # int(0.5 * 255) per channel: the tower's image mean
+DOC_SLOT_SEPARATOR = "\n\n"
+
+
+class AspectMode(str, Enum):
+    """How a non-square image becomes square before the bicubic resize."""
+
+    PAD = "pad"  # expand to a square with PAD_COLOR, image centred (training)
+    RESIZE = "resize"  # stretch (the original scorer)
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessingConfig:
+    """Options of :class:`UniFilterProcessor` (``None`` disables a limit).
+
+    Attributes:
+        image_aspect_ratio: ``"pad"`` or ``"resize"`` (see :class:`AspectMode`).
+        image_size: side of the square tower input, pixels (384 for SigLIP so400m).
+        num_image_tokens: vectors one image contributes to the spliced sequence (144 released).
+        max_length: longest spliced sequence (text + image tokens), ``tokenizer_model_max_length``.
+        caption_max_tokens: longest caption id sequence, counted like the original (BOS, the image sentinel as
+            one id, text, EOS); longer captions are cut keeping EOS.
+        max_images: documents with more images are skipped (``too_many_images``).
+        max_text_tokens: documents whose id sequence before splicing (BOS + text + one id per image + EOS, what
+            the original compared with 6000) is longer are skipped (``too_many_tokens``).
+    """
+
+    image_aspect_ratio: str = "pad"
+    image_size: int = 384
+    num_image_tokens: int = 144
+    max_length: int = 4096
+    caption_max_tokens: int | None = 75
+    max_images: int | None = 10
+    max_text_tokens: int | None = 6000
+
+    def __post_init__(self) -> None:
+        modes = [m.value for m in AspectMode]
+        if self.image_aspect_ratio not in modes:
+            raise ValueError(f"image_aspect_ratio={self.image_aspect_ratio!r} is not one of {modes}")
+        for name in ("image_size", "num_image_tokens"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        if not isinstance(self.max_length, int) or self.max_length < self.num_image_tokens + 2:
+            raise ValueError(
+                f"max_length={self.max_length!r} cannot hold BOS + one image ({self.num_image_tokens} tokens) + EOS; "
+                f"use at least {self.num_image_tokens + 2}"
+            )
+        limits = {"caption_max_tokens": 3, "max_images": 0, "max_text_tokens": 2}
+        for name, low in limits.items():
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < low):
+                raise ValueError(f"{name} must be None (no limit) or an int >= {low}, got {value!r}")
+
+    @classmethod
+    def from_model_config(cls, config: Any, **overrides: Any) -> ProcessingConfig:
+        """Build from a model config (``image_aspect_ratio``, ``num_image_tokens``, ``vision_config.image_size``,
+        ``tokenizer_model_max_length``); keyword overrides whose value is ``None`` are ignored for the
+        checkpoint-derived fields (aspect, size, tokens, max_length) and applied as given for the limits."""
+        base = cls(
+            image_aspect_ratio=getattr(config, "image_aspect_ratio", None) or "pad",
+            image_size=int(config.vision_config.image_size),
+            num_image_tokens=int(config.num_image_tokens),
+            max_length=int(getattr(config, "tokenizer_model_max_length", None) or 4096),
+        )
+        from_checkpoint = {"image_aspect_ratio", "image_size", "num_image_tokens", "max_length"}
+        kept = {k: v for k, v in overrides.items() if not (k in from_checkpoint and v is None)}
+        return replace(base, **kept)
+
+
+@dataclass(slots=True)
+class PreparedSample:
+    """One sample ready for the model.
+
+    Attributes:
+        input_ids: token ids with ``IMAGE_TOKEN_INDEX`` at each image position, BOS first and EOS last.
+        pixel_values: ``[n_images, 3, H, W]`` float32, images in sentinel order; None when there are none.
+        n_images: images the model sees (== sentinels in ``input_ids``).
+        n_tokens: length of the spliced sequence (each sentinel counted as ``num_image_tokens``).
+        truncated: True when the sequence was cut to a limit (EOS is always kept).
+        detail: a note about what was dropped (undecodable or 1-pixel images, empty slots); None if nothing.
+    """
+
+    input_ids: list[int]
+    pixel_values: torch.Tensor | None
+    n_images: int
+    n_tokens: int
+    truncated: bool = False
+    detail: str | None = None
+
+
+@dataclass(slots=True)
+class _DocumentParts:
+    """Slots of a document after decoding: strings to join and the images behind their ``<image>`` markers."""
+
+    slots: list[str] = field(default_factory=list)
+    images: list[Image.Image] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    has_text: bool = False
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB.
+
+    Palette and alpha images are composited over white (what a viewer shows; ``convert("RGB")`` alone would expose
+    the arbitrary colour under transparent pixels), 16/32-bit integer images are scaled to 8 bits instead of being
+    clipped, float images in [0, 1] are scaled by 255; CMYK, YCbCr, L, 1, ... use PIL's conversion.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif image.mode in ("LA", "PA", "La", "RGBa"):
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image).convert("RGB")
+    if image.mode.startswith("I") or image.mode == "F":
+        arr = np.asarray(image, dtype=np.float64)
+        if image.mode == "F" and arr.size and arr.max() <= 1.0:
+            arr = arr * 255.0
+        elif arr.size and arr.max() > 255:
+            arr = arr / 257.0  # 16-bit range -> 8-bit
+        return Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8), mode="L").convert("RGB")
+    return image.convert("RGB")
+
+
+def expand_to_square(image: Image.Image, color: tuple[int, int, int] = PAD_COLOR) -> Image.Image:
+    """Pad an RGB image to a square of side ``max(w, h)`` with ``color``, the image centred (LLaVA's rule)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    result = Image.new(image.mode, (side, side), color)
+    result.paste(image, ((side - width) // 2, (side - height) // 2))
+    return result
+
+
+def decode_image(data: Image.Image | bytes | bytearray | memoryview) -> Image.Image | SampleFailure:
+    """Decode encoded bytes (or pass a PIL image through), fully loading the pixels.
+
+    Returns:
+        The image, or a :class:`SampleFailure` (``image_too_large`` for decompression bombs, ``image_truncated``
+        for cut-off files, ``image_decode_error`` otherwise).
+    """
+    if isinstance(data, Image.Image):
+        return data
+    try:
+        image = Image.open(io.BytesIO(bytes(data)))
+        image.load()
+    except Image.DecompressionBombError as exc:
+        return SampleFailure(Reason.IMAGE_TOO_LARGE, detail=str(exc))
+    except OSError as exc:  # PIL.UnidentifiedImageError is an OSError
+        reason = Reason.IMAGE_TRUNCATED if "truncated" in str(exc).lower() else Reason.IMAGE_DECODE_ERROR
+        return SampleFailure(reason, detail=f"{type(exc).__name__}: {exc}")
+    except (ValueError, SyntaxError, EOFError) as exc:
+        return SampleFailure(Reason.IMAGE_DECODE_ERROR, detail=f"{type(exc).__name__}: {exc}")
+    return image
+
+
+class UniFilterProcessor:
+    """Tokenizer + image preprocessing + prompt formatting (CPU only, picklable).
+
+    Args:
+        tokenizer: a transformers tokenizer with distinct bos/eos/pad ids (see ``tokenization.load_tokenizer``).
+        config: the processing options.
+    """
+
+    def __init__(self, tokenizer: Any, config: ProcessingConfig) -> None:
+        for name in ("bos_token_id", "eos_token_id"):
+            if getattr(tokenizer, name, None) is None:
+                raise ValueError(
+                    f"tokenizer has no {name}; load it with unifilter_core.tokenization.load_tokenizer"
+                )
+        self.tokenizer = tokenizer
+        self.config = config
+        self.bos_id: int = int(tokenizer.bos_token_id)
+        self.eos_id: int = int(tokenizer.eos_token_id)
+
+    # ----------------------------------------------------------------------------------------------- text
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text`` without special tokens."""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def tokenize_with_images(self, text: str) -> list[int]:
+        """Split on ``<image>``, tokenize each chunk separately, join with ``IMAGE_TOKEN_INDEX`` (no BOS/EOS)."""
+        ids: list[int] = []
+        for i, chunk in enumerate(text.split(IMAGE_TOKEN)):
+            if i:
+                ids.append(IMAGE_TOKEN_INDEX)
+            if chunk:
+                ids.extend(self.tokenize(chunk))
+        return ids
+
+    def spliced_length(self, input_ids: list[int]) -> int:
+        """Length of ``input_ids`` after each sentinel becomes ``num_image_tokens`` vectors."""
+        n_images = sum(1 for t in input_ids if t == IMAGE_TOKEN_INDEX)
+        return len(input_ids) + n_images * (self.config.num_image_tokens - 1)
+
+    # ----------------------------------------------------------------------------------------------- images
+    def preprocess_image(self, image: Image.Image) -> torch.Tensor:
+        """RGB -> pad|resize to square -> PIL bicubic to ``image_size`` -> /255 -> (x - 0.5) / 0.5.
+
+        Returns:
+            ``[3, image_size, image_size]`` float32.
+        """
+        rgb = to_rgb(image)
+        if self.config.image_aspect_ratio == AspectMode.PAD.value:
+            rgb = expand_to_square(rgb)
+        size = self.config.image_size
+        resized = rgb.resize((size, size), resample=Image.Resampling.BICUBIC)
+        arr = np.asarray(resized, dtype=np.float32) / np.float32(255.0)  # (H, W, 3)
+        arr = (arr - np.float32(0.5)) / np.float32(0.5)
+        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # (3, H, W)
+
+    def _stack(self, images: list[Image.Image]) -> torch.Tensor | None:
+        return torch.stack([self.preprocess_image(im) for im in images]) if images else None
+
+    # ----------------------------------------------------------------------------------------------- caption
+    def prepare_caption(
+        self, image: Image.Image | bytes | None, text: str | None
+    ) -> PreparedSample | SampleFailure:
+        """Format one image-caption pair: ``[BOS, -200, tokens("\\n" + caption)..., EOS]``.
+
+        A literal ``<image>`` in the caption becomes ``image``. The ids are cut to ``caption_max_tokens`` and the
+        spliced length to ``max_length``, EOS kept in both cases (``truncated=True``).
+        """
+        if image is None:
+            return SampleFailure(Reason.MISSING_IMAGE, detail="caption sample has no image")
+        if text is None:
+            return SampleFailure(Reason.MISSING_TEXT, detail="caption sample has no text", n_images=1)
+        if not isinstance(text, str):
+            raise ValueError(f"caption text must be a str, got {type(text).__name__}")
+        decoded = decode_image(image)
+        if isinstance(decoded, SampleFailure):
+            return decoded
+        ids = [
+            self.bos_id,
+            IMAGE_TOKEN_INDEX,
+            *self.tokenize("\n" + text.replace(IMAGE_TOKEN, "image")),
+            self.eos_id,
+        ]
+        truncated = False
+        cap = self.config.caption_max_tokens
+        if cap is not None and len(ids) > cap:
+            ids, truncated = ids[: cap - 1] + [self.eos_id], True
+        keep = self.config.max_length - self.config.num_image_tokens  # ids before EOS that fit max_length
+        if len(ids) - 1 > keep:
+            ids, truncated = ids[:keep] + [self.eos_id], True
+        try:
+            pixels = self._stack([decoded])
+        except (OSError, ValueError) as exc:
+            return SampleFailure(Reason.IMAGE_DECODE_ERROR, detail=f"{type(exc).__name__}: {exc}")
+        return PreparedSample(ids, pixels, n_images=1, n_tokens=self.spliced_length(ids), truncated=truncated)
+
+    # ----------------------------------------------------------------------------------------------- document
+    def prepare_document(
+        self, texts: list[str | None], images: list[Image.Image | bytes | None]
+    ) -> PreparedSample | SampleFailure:
+        """Format one interleaved document (OBELICS style: parallel ``texts`` / ``images`` slot lists).
+
+        Text slots keep their text (``<image>`` inside becomes ``<image-placeholder>``), image slots become
+        ``<image>``; slots joined with ``"\\n\\n"``, then ``BOS ... EOS``, then cut to ``max_length`` keeping EOS
+        and never cutting an image's tokens in half (a partially fitting image is dropped with its sentinel).
+
+        Dropped without failing the document (as the original does), and listed in ``PreparedSample.detail``:
+        images of width or height 1 and undecodable images (with their slot), and slots holding neither text nor
+        image. Decision: one bad image does not cost the whole document its score; the note makes it visible.
+
+        Returns:
+            A :class:`PreparedSample`, or a :class:`SampleFailure` with ``too_many_images`` /
+            ``too_many_tokens`` (limits of :class:`ProcessingConfig`) or ``empty_document`` (no image and no
+            non-blank text left).
+
+        Raises:
+            ValueError: ``texts`` and ``images`` differ in length, or a slot holds both a text and an image.
+        """
+        parts = self._collect_slots(texts, images)
+        notes = "; ".join(parts.notes) or None
+        n_images = len(parts.images)
+        if not parts.images and not parts.has_text:
+            return SampleFailure(
+                Reason.EMPTY_DOCUMENT, detail=notes or "document has no text and no usable image"
+            )
+        limit = self.config.max_images
+        if limit is not None and n_images > limit:
+            return SampleFailure(
+                Reason.TOO_MANY_IMAGES, detail=f"{n_images} images > max_images={limit}", n_images=n_images
+            )
+        ids = [self.bos_id, *self.tokenize_with_images(DOC_SLOT_SEPARATOR.join(parts.slots)), self.eos_id]
+        limit = self.config.max_text_tokens
+        if limit is not None and len(ids) > limit:
+            return SampleFailure(
+                Reason.TOO_MANY_TOKENS,
+                detail=f"{len(ids)} ids before splicing > max_text_tokens={limit}",
+                n_images=n_images,
+                n_tokens=self.spliced_length(ids),
+            )
+        fitted, n_kept = self._fit_document(ids)
+        truncated = len(fitted) < len(ids)
+        try:
+            pixels = self._stack(parts.images[:n_kept])
+        except (OSError, ValueError) as exc:
+            return SampleFailure(
+                Reason.IMAGE_DECODE_ERROR, detail=f"{type(exc).__name__}: {exc}", n_images=n_images
+            )
+        return PreparedSample(fitted, pixels, n_kept, self.spliced_length(fitted), truncated, notes)
+
+    def _collect_slots(
+        self, texts: list[str | None], images: list[Image.Image | bytes | None]
+    ) -> _DocumentParts:
+        """Validate the slot lists, decode images and build the slot strings (``<image>`` for each image kept)."""
+        if len(texts) != len(images):
+            raise ValueError(
+                f"texts has {len(texts)} slots but images has {len(images)}; they must be parallel lists with "
+                "None at the other list's slots"
+            )
+        parts = _DocumentParts()
+        for i, (text, image) in enumerate(zip(texts, images, strict=True)):
+            if text is not None and image is not None:
+                raise ValueError(f"slot {i} holds both a text and an image; each slot holds one of them")
+            if text is not None:
+                if not isinstance(text, str):
+                    raise ValueError(f"texts[{i}] must be a str or None, got {type(text).__name__}")
+                parts.slots.append(text.replace(IMAGE_TOKEN, IMAGE_PLACEHOLDER))
+                parts.has_text = parts.has_text or bool(text.strip())
+            elif image is None:
+                parts.notes.append(f"slot {i}: empty slot dropped")
+            else:
+                decoded = decode_image(image)
+                if isinstance(decoded, SampleFailure):
+                    parts.notes.append(f"slot {i}: image dropped ({decoded.reason.value}: {decoded.detail})")
+                elif decoded.width == 1 or decoded.height == 1:
+                    parts.notes.append(f"slot {i}: {decoded.width}x{decoded.height} image dropped")
+                else:
+                    parts.slots.append(IMAGE_TOKEN)
+                    parts.images.append(decoded)
+        return parts
+
+    def _fit_document(self, ids: list[int]) -> tuple[list[int], int]:
+        """Cut ``[BOS, body..., EOS]`` so its spliced length fits ``max_length``, keeping BOS and EOS.
+
+        Returns:
+            The ids and the number of images (sentinels) kept.
+        """
+        budget = self.config.max_length - 2  # BOS and EOS
+        body, used, n_images = [], 0, 0
+        for token in ids[1:-1]:
+            cost = self.config.num_image_tokens if token == IMAGE_TOKEN_INDEX else 1
+            if used + cost > budget:
+                break
+            body.append(token)
+            used += cost
+            n_images += token == IMAGE_TOKEN_INDEX
+        return [ids[0], *body, ids[-1]], n_images

@@ -1,0 +1,400 @@
+"""The public scoring API: ``load_scorer(path) -> Scorer``; ``Scorer.score_captions`` / ``score_documents``.
+
+Example::
+
+    from unifilter_core import load_scorer
+    scorer = load_scorer("path/to/checkpoint", device="cpu", dtype="float32")
+    results = scorer.score_captions([(pil_image, "a caption")])
+    results = scorer.score_documents([{"texts": ["intro", None], "images": [None, png_bytes]}])
+    results[0].score, results[0].status, results[0].reason
+
+Scores are independent of batching: sequences are right padded, the attention mask comes from the lengths (never
+from ``ids != pad``) and the score is read at the last real position. Inputs that cannot be scored come back as
+rows with a reason code (``ScoreResult.status`` ``skipped`` or ``error``), in input order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unifilter_core.processing import (
+    IMAGE_TOKEN_INDEX,
+    AspectMode,
+    PreparedSample,
+    ProcessingConfig,
+    UniFilterProcessor,
+)
+from unifilter_core.records import Reason, SampleFailure, ScoreResult
+
+logger = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+_TOKENIZER_FILES = (
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
+# samples prepared ahead of the model per window (window = batch_size * this); bounds host memory for images
+_WINDOW_BATCHES = 8
+
+
+@dataclass(frozen=True)
+class ScorerOptions:
+    """Validated options of :func:`load_scorer` (see there for their meaning)."""
+
+    device: str = "cpu"
+    dtype: str = "float32"
+    image_aspect_ratio: str | None = None
+    batch_size: int = 16
+    caption_max_tokens: int | None = 75
+    max_images: int | None = 10
+    max_text_tokens: int | None = 6000
+    max_length: int | None = None
+    vision_tower: str | None = None
+    attn_implementation: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(
+                f"device {self.device!r} is not a valid torch device string (e.g. 'cpu', 'cuda:0')"
+            ) from exc
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(
+                f"device {self.device!r} requested but CUDA is not available here; use device='cpu'"
+            )
+        aspects = [m.value for m in AspectMode]
+        if self.image_aspect_ratio is not None and self.image_aspect_ratio not in aspects:
+            raise ValueError(f"image_aspect_ratio must be None (follow the checkpoint) or one of {aspects}")
+        for name, low in (
+            ("caption_max_tokens", 3),
+            ("max_images", 0),
+            ("max_text_tokens", 2),
+            ("max_length", 3),
+        ):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+                raise ValueError(f"{name} must be None or an int >= {low}, got {value!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """Check that ``path`` is a checkpoint folder (released layout or ours: both hold ``config.json``).
+
+    Raises:
+        ValueError: the folder or its ``config.json`` is missing, or ``config.json`` is not a UniFilter config.
+    """
+    folder = Path(path).expanduser()
+    if folder.is_file() and folder.name == "config.json":
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(
+            f"checkpoint folder {str(folder)!r} does not exist (give the folder holding config.json)"
+        )
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{folder} has no config.json; is it a UniFilter checkpoint folder?")
+    model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    if model_type not in ("llava_qwen", "llava_qwen3"):
+        raise ValueError(
+            f"{config_file} has model_type {model_type!r}; expected 'llava_qwen' or 'llava_qwen3'"
+        )
+    return folder.resolve()
+
+
+# ---------------------------------------------------------------------------------------------------- fingerprint
+_DIGEST_CACHE: dict[tuple[str, int, int], str] = {}
+_DIGEST_LOCK = threading.Lock()
+
+
+def file_sha256(path: Path, chunk_size: int = 1 << 22) -> str:
+    """sha256 of a file's bytes, streamed; cached in memory per (path, size, mtime)."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    with _DIGEST_LOCK:
+        if key in _DIGEST_CACHE:
+            return _DIGEST_CACHE[key]
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    with _DIGEST_LOCK:
+        _DIGEST_CACHE[key] = digest.hexdigest()
+    return _DIGEST_CACHE[key]
+
+
+def checkpoint_fingerprint(folder: Path, extra_dirs: Iterable[Path] = ()) -> str:
+    """sha256 over ``config.json``, the safetensors weight files and the tokenizer files of a checkpoint.
+
+    Args:
+        folder: the checkpoint folder.
+        extra_dirs: more folders whose config.json + safetensors count (e.g. a separately given vision tower).
+
+    Returns:
+        A hex digest that changes whenever any byte of those files changes.
+    """
+    total = hashlib.sha256()
+    for index, directory in enumerate([folder, *extra_dirs]):
+        names = ["config.json", *sorted(p.name for p in directory.glob("*.safetensors"))]
+        names += [n for n in _TOKENIZER_FILES if index == 0]
+        for name in names:
+            file = directory / name
+            if file.is_file():
+                total.update(f"{index}/{name}\0{file_sha256(file)}\n".encode())
+    return total.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------- scorer
+class Scorer:
+    """A loaded UniFilter model plus its processor.
+
+    Attributes:
+        model: the ``UniFilterForQualityScoring`` (eval mode, on ``device``, in ``dtype``).
+        processor: the CPU-side, picklable :class:`UniFilterProcessor`.
+        options: the validated :class:`ScorerOptions`.
+        checkpoint: the checkpoint folder.
+    """
+
+    def __init__(
+        self, model: Any, processor: UniFilterProcessor, options: ScorerOptions, checkpoint: Path
+    ) -> None:
+        self.model = model
+        self.processor = processor
+        self.options = options
+        self.checkpoint = checkpoint
+        self.device = torch.device(options.device)
+        self.pad_id = int(processor.tokenizer.pad_token_id)
+        self._fingerprint: str | None = None
+
+    @property
+    def model_fingerprint(self) -> str:
+        """sha256 of the checkpoint's config, weights and tokenizer (computed once, on first use)."""
+        if self._fingerprint is None:
+            extra = [Path(self.options.vision_tower)] if self.options.vision_tower else []
+            self._fingerprint = checkpoint_fingerprint(self.checkpoint, [d for d in extra if d.is_dir()])
+        return self._fingerprint
+
+    # ------------------------------------------------------------------------------------------------ preparation
+    def prepare_caption(self, image: Any, text: str | None) -> PreparedSample | SampleFailure:
+        return self.processor.prepare_caption(image, text)
+
+    def prepare_document(self, texts: list[str | None], images: list[Any]) -> PreparedSample | SampleFailure:
+        return self.processor.prepare_document(texts, images)
+
+    # ------------------------------------------------------------------------------------------------ model
+    def _collate(self, samples: Sequence[PreparedSample]) -> dict[str, torch.Tensor | None]:
+        """Right-pad ids to ``[B, T]``, mask ``[B, T]`` from lengths, pixel values ``[N, 3, H, W]`` in order."""
+        longest = max(len(s.input_ids) for s in samples)
+        input_ids = torch.full((len(samples), longest), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(samples), longest), dtype=torch.long)
+        pixels = []
+        for row, sample in enumerate(samples):
+            n_sentinels = sum(1 for t in sample.input_ids if t == IMAGE_TOKEN_INDEX)
+            n_pixels = 0 if sample.pixel_values is None else int(sample.pixel_values.shape[0])
+            if n_sentinels != n_pixels or sample.n_images != n_pixels:
+                raise ValueError(
+                    f"sample {row} has {n_sentinels} image sentinels in input_ids, n_images={sample.n_images} and "
+                    f"{n_pixels} images in pixel_values; these must be equal"
+                )
+            input_ids[row, : len(sample.input_ids)] = torch.tensor(sample.input_ids, dtype=torch.long)
+            attention_mask[row, : len(sample.input_ids)] = 1
+            if n_pixels:
+                pixels.append(sample.pixel_values)
+        pixel_values = torch.cat(pixels).to(self.device, self.options.torch_dtype) if pixels else None
+        return {
+            "input_ids": input_ids.to(self.device),
+            "attention_mask": attention_mask.to(self.device),
+            "pixel_values": pixel_values,
+        }
+
+    def forward(self, samples: Sequence[PreparedSample]) -> list[float]:
+        """Score prepared samples in one batch.
+
+        Args:
+            samples: prepared samples (any lengths; padded here).
+
+        Returns:
+            One python float per sample, in order (the regression output, or the expected level for classes).
+
+        Raises:
+            ValueError: a sample's image sentinels, ``n_images`` and ``pixel_values`` rows disagree.
+        """
+        if not samples:
+            return []
+        batch = self._collate(samples)
+        with torch.inference_mode():
+            out = self.model(**batch)
+            scores = self.model.scores_from_logits(out.logits.float())
+        return [float(x) for x in scores.float().cpu().tolist()]
+
+    # ------------------------------------------------------------------------------------------------ scoring
+    def score_prepared(self, items: Sequence[PreparedSample | SampleFailure]) -> list[ScoreResult]:
+        """Score already-prepared items (failures pass through as rows), batching by length; input order kept."""
+        results: list[ScoreResult | None] = [None] * len(items)
+        ready = []
+        for index, item in enumerate(items):
+            if isinstance(item, SampleFailure):
+                results[index] = item.to_result()
+            else:
+                ready.append(index)
+        ready.sort(key=lambda i: items[i].n_tokens)
+        size = self.options.batch_size
+        for start in range(0, len(ready), size):
+            chunk = ready[start : start + size]
+            for index, score in zip(chunk, self._forward_or_rows([items[i] for i in chunk]), strict=True):
+                results[index] = _result(items[index], score)
+        return [r for r in results if r is not None]
+
+    def _forward_or_rows(self, samples: list[PreparedSample]) -> list[float | ScoreResult]:
+        """``forward``; a batch that fails with a runtime error is retried one by one, failures become rows."""
+        try:
+            return list(self.forward(samples))
+        except RuntimeError as exc:
+            if len(samples) == 1:
+                logger.warning("model error on one sample: %s", exc)
+                return [ScoreResult.failed(Reason.MODEL_ERROR, f"{type(exc).__name__}: {exc}")]
+            logger.warning("model error on a batch of %d, retrying one by one: %s", len(samples), exc)
+            return [row for sample in samples for row in self._forward_or_rows([sample])]
+
+    def _score_stream(self, prepare: Any, inputs: Sequence[Any]) -> list[ScoreResult]:
+        window = self.options.batch_size * _WINDOW_BATCHES
+        results: list[ScoreResult] = []
+        for start in range(0, len(inputs), window):
+            results += self.score_prepared([prepare(x) for x in inputs[start : start + window]])
+        return results
+
+    def score_captions(self, pairs: Sequence[tuple[Any, str | None]]) -> list[ScoreResult]:
+        """Score ``(image, caption)`` pairs (image: PIL or encoded bytes). One result per pair, in input order."""
+        return self._score_stream(lambda pair: self.processor.prepare_caption(*_pair(pair)), pairs)
+
+    def score_documents(self, documents: Sequence[dict[str, list[Any]]]) -> list[ScoreResult]:
+        """Score interleaved documents ``{"texts": [...], "images": [...]}`` (parallel slot lists, None at the
+        other list's slots; images PIL or encoded bytes). One result per document, in input order.
+
+        Raises:
+            ValueError: a document lacks ``texts``/``images`` or their lengths differ (the message says both).
+        """
+        return self._score_stream(_prepare_document_with(self.processor), documents)
+
+
+def _pair(pair: Any) -> tuple[Any, Any]:
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise ValueError(f"score_captions expects (image, text) pairs, got {type(pair).__name__}")
+    return pair[0], pair[1]
+
+
+def _prepare_document_with(processor: UniFilterProcessor) -> Any:
+    def prepare(doc: Any) -> PreparedSample | SampleFailure:
+        if not isinstance(doc, dict) or "texts" not in doc or "images" not in doc:
+            raise ValueError('score_documents expects dicts {"texts": [...], "images": [...]}')
+        return processor.prepare_document(list(doc["texts"]), list(doc["images"]))
+
+    return prepare
+
+
+def _result(sample: PreparedSample, score: float | ScoreResult) -> ScoreResult:
+    meta = {"n_images": sample.n_images, "n_tokens": sample.n_tokens, "truncated": sample.truncated}
+    if isinstance(score, ScoreResult):
+        score.n_images, score.n_tokens, score.truncated = (
+            meta["n_images"],
+            meta["n_tokens"],
+            meta["truncated"],
+        )
+        return score
+    return ScoreResult(score=score, detail=sample.detail, **meta)
+
+
+def load_scorer(
+    path: str | os.PathLike[str],
+    device: str = "cpu",
+    dtype: str = "float32",
+    *,
+    image_aspect_ratio: str | None = None,
+    batch_size: int = 16,
+    caption_max_tokens: int | None = 75,
+    max_images: int | None = 10,
+    max_text_tokens: int | None = 6000,
+    max_length: int | None = None,
+    vision_tower: str | None = None,
+    attn_implementation: str = "sdpa",
+) -> Scorer:
+    """Load a UniFilter checkpoint (released layout or our own saves) for scoring.
+
+    Args:
+        path: the checkpoint folder (``config.json``, ``model.safetensors``, tokenizer files).
+        device: torch device string, e.g. ``"cpu"``, ``"cuda"``, ``"cuda:1"``.
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` for the tower and LLM (the score head runs in fp32).
+        image_aspect_ratio: ``"pad"`` or ``"resize"``; None follows the checkpoint's ``image_aspect_ratio``.
+        batch_size: samples per forward pass.
+        caption_max_tokens: caption id limit (EOS kept when cutting); None disables it.
+        max_images: documents with more images become ``skipped``/``too_many_images`` rows; None disables it.
+        max_text_tokens: documents with longer id sequences become ``skipped``/``too_many_tokens`` rows.
+        max_length: spliced sequence limit; None uses the checkpoint's ``tokenizer_model_max_length``.
+        vision_tower: a local SigLIP folder for checkpoints without tower weights.
+        attn_implementation: transformers attention implementation (``"sdpa"``, ``"eager"``, ...).
+
+    Raises:
+        ValueError: an option is invalid or the checkpoint folder is not usable (raised before loading weights).
+    """
+    options = ScorerOptions(
+        device=device,
+        dtype=dtype,
+        image_aspect_ratio=image_aspect_ratio,
+        batch_size=batch_size,
+        caption_max_tokens=caption_max_tokens,
+        max_images=max_images,
+        max_text_tokens=max_text_tokens,
+        max_length=max_length,
+        vision_tower=vision_tower,
+        attn_implementation=attn_implementation,
+    )
+    folder = resolve_checkpoint(path)
+
+    from unifilter_core.modeling import UniFilterForQualityScoring, load_config
+    from unifilter_core.tokenization import load_tokenizer
+
+    tokenizer = load_tokenizer(folder)
+    processing = (
+        ProcessingConfig.from_model_config(  # validates the limits against the config, before weights
+            load_config(folder, vision_tower=vision_tower),
+            image_aspect_ratio=options.image_aspect_ratio,
+            max_length=options.max_length,
+            caption_max_tokens=options.caption_max_tokens,
+            max_images=options.max_images,
+            max_text_tokens=options.max_text_tokens,
+        )
+    )
+    model = UniFilterForQualityScoring.from_pretrained(
+        folder,
+        vision_tower=vision_tower,
+        torch_dtype=options.torch_dtype,
+        attn_implementation=attn_implementation,
+    )
+    model.to(options.device).eval()
+    logger.info("loaded %s (%s, %s) with %s", folder, options.device, options.dtype, processing)
+    return Scorer(model, UniFilterProcessor(tokenizer, processing), options, folder)
