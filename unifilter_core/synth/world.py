@@ -1,0 +1,408 @@
+"""The embedded world: deterministic writers for every artefact the demo needs.
+
+* :func:`write_llava_pretrain`: an LLaVA-Pretrain-format caption set (stage 1).
+* :func:`write_synthetic_pairs`: caption or interleaved pairs at 4 levels in UniFilter training JSON (stage 2).
+* :func:`write_world_tars`: DataComp-style caption tars and OBELICS-style interleaved tars with a few broken
+  samples, and the hidden true level of every sample in a sidecar parquet outside the sources folder.
+* :func:`write_world`: all of the above under the data-root layout, plus ``world/world.json``.
+
+Every item is drawn from its own ``random.Random`` seeded by (seed, stream, index), so the same config writes the
+same bytes, and growing one size does not change the items already there. Files are written to a temporary name
+and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from unifilter_core import paths
+from unifilter_core.synth.levels import LEVELS, LevelConfig, make_caption, make_document, sample_style
+from unifilter_core.synth.scenes import Scene, encode_jpeg, render_scene, sample_scene
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+PRETRAIN_JSON = "blip_laion_cc_sbu_558k.json"
+PAIRS_MARKER = "world_pairs.json"  # written next to train.json: these pairs came from the world generator
+_PRETRAIN_PROMPTS = (
+    "Describe the image concisely.",
+    "Give a brief description of the image.",
+    "Write a short caption for the picture.",
+    "Summarize the visual content of the image.",
+    "What is shown in this image?",
+)
+
+
+@dataclass
+class WorldConfig:
+    """Sizes and knobs of the embedded world. Defaults: a tiny model trains in minutes on 2 CPU cores."""
+
+    seed: int = 0
+    val_seed: int | None = None  # validation splits are drawn from this seed (default: seed + 1)
+    # scenes and images
+    image_size: int = 64  # the "world" model preset uses 64 px images, patch 8
+    max_objects: int = 3  # 1..max_objects objects per scene
+    duplicate_prob: float = 0.3  # chance an object repeats an earlier one's look (counts in captions)
+    supersample: int = 2  # anti-aliasing factor of the renderer
+    jpeg_quality: int = 90
+    # synthetic caption pairs (UniFilter training JSON); each image gets pairs_per_image texts at dealt levels
+    train_images: int = 2500
+    val_images: int = 500
+    pairs_per_image: int = 4
+    level_weights: tuple[float, ...] = (0.25, 0.25, 0.25, 0.25)  # share of levels 0..3 in synthetic pairs
+    # synthetic interleaved pairs: documents share image sets in blocks of pairs_per_image
+    train_documents: int = 1000
+    val_documents: int = 200
+    max_doc_images: int = 3  # 1..max_doc_images images per document
+    # LLaVA-Pretrain-format caption set
+    pretrain_images: int = 2500
+    # source tars
+    caption_tars: int = 2
+    caption_tar_samples: int = 500
+    interleaved_tars: int = 2
+    interleaved_tar_docs: int = 100
+    tar_level_weights: tuple[float, ...] = (0.25, 0.25, 0.25, 0.25)  # share of levels 0..3 in the tars
+    broken_per_tar: int = 3  # broken samples per tar (cycling through the broken kinds)
+    separate_image_fraction: float = 0.2  # interleaved docs whose images are tar members, not base64
+    levels: LevelConfig = field(default_factory=LevelConfig)
+
+    def __post_init__(self) -> None:
+        self.level_weights = tuple(float(w) for w in self.level_weights)
+        self.tar_level_weights = tuple(float(w) for w in self.tar_level_weights)
+        if isinstance(self.levels, dict):
+            self.levels = LevelConfig(**self.levels)
+        sizes = ("train_images", "val_images", "train_documents", "val_documents", "pretrain_images")
+        sizes += (
+            "caption_tars",
+            "caption_tar_samples",
+            "interleaved_tars",
+            "interleaved_tar_docs",
+            "broken_per_tar",
+        )
+        for name in sizes:
+            if getattr(self, name) < 0:
+                raise ValueError(f"WorldConfig.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("level_weights", "tar_level_weights"):
+            w = getattr(self, name)
+            if len(w) != len(LEVELS) or min(w) < 0 or sum(w) <= 0:
+                raise ValueError(f"WorldConfig.{name} needs 4 non-negative weights (levels 0..3), got {w}")
+        if self.image_size < 16 or self.supersample < 1 or not 1 <= self.jpeg_quality <= 95:
+            raise ValueError("image_size must be >= 16, supersample >= 1, jpeg_quality in 1..95")
+        if not 1 <= self.max_objects <= 9 or self.max_doc_images < 1 or self.pairs_per_image < 1:
+            raise ValueError("max_objects must be in 1..9, max_doc_images >= 1 and pairs_per_image >= 1")
+        for name in ("duplicate_prob", "separate_image_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"WorldConfig.{name} must be in [0, 1], got {getattr(self, name)}")
+
+    @property
+    def effective_val_seed(self) -> int:
+        return self.seed + 1 if self.val_seed is None else self.val_seed
+
+    def split_seed(self, split: str) -> int:
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        return self.seed if split == "train" else self.effective_val_seed
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> WorldConfig:
+        return cls(**data)
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+def item_rng(seed: int, *parts: object) -> random.Random:
+    """The random source of one item: seeded by a string of (seed, stream, index, ...), stable across runs."""
+    return random.Random(":".join(str(p) for p in (seed, *parts)))
+
+
+def draw_image(rng: random.Random, config: WorldConfig) -> tuple[Scene, bytes]:
+    """A random scene and its JPEG bytes."""
+    scene = sample_scene(rng, config.max_objects, config.duplicate_prob)
+    image = render_scene(scene, rng, config.image_size, config.supersample)
+    return scene, encode_jpeg(image, config.jpeg_quality)
+
+
+def level_counts(n: int, weights: tuple[float, ...]) -> list[int]:
+    """Exact per-level counts for ``n`` items (largest remainder)."""
+    total = sum(weights)
+    raw = [n * w / total for w in weights]
+    counts = [int(r) for r in raw]
+    order = sorted(range(len(raw)), key=lambda k: (counts[k] - raw[k], k))
+    for k in order[: n - sum(counts)]:
+        counts[k] += 1
+    return counts
+
+
+def dealt_levels(n: int, weights: tuple[float, ...]) -> list[int]:
+    """``n`` levels in exact proportions, dealt round-robin (uniform weights: every block of 4 holds 0..3)."""
+    left = level_counts(n, weights)
+    out: list[int] = []
+    while len(out) < n:
+        for level in LEVELS:
+            if left[level] > 0:
+                out.append(level)
+                left[level] -= 1
+    return out
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def dump_records(records: list[dict[str, Any]]) -> bytes:
+    """A JSON list with one record per line (deterministic, diff-friendly)."""
+    lines = ",\n".join(json.dumps(r, ensure_ascii=False, sort_keys=True) for r in records)
+    return (f"[\n{lines}\n]\n" if records else "[]\n").encode()
+
+
+def _fresh_dir(path: Path) -> Path:
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- LLaVA pretrain
+def write_llava_pretrain(root_dir: str | os.PathLike[str], config: WorldConfig) -> dict[str, Any]:
+    """Write ``blip_laion_cc_sbu_558k.json`` and ``images/`` (level-3 captions) under ``root_dir``.
+
+    Records: ``{"id", "image" (relative to images/), "conversations": [{"from": "human", "value": "<image>\\n..."},
+    {"from": "gpt", "value": caption}]}``.
+    """
+    root = Path(root_dir)
+    images = _fresh_dir(root / "images")
+    records = []
+    for i in range(config.pretrain_images):
+        rng = item_rng(config.seed, "pretrain", i)
+        scene, jpeg = draw_image(rng, config)
+        ident = f"{i:09d}"
+        rel = f"{i // 10000:05d}/{ident}.jpg"
+        (images / rel).parent.mkdir(parents=True, exist_ok=True)
+        (images / rel).write_bytes(jpeg)
+        caption = make_caption(scene, 3, rng, config.levels, max_objects=config.max_objects).text
+        human = "<image>\n" + rng.choice(_PRETRAIN_PROMPTS)
+        records.append(
+            {
+                "id": ident,
+                "image": rel,
+                "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": caption}],
+            }
+        )
+    atomic_write_bytes(root / PRETRAIN_JSON, dump_records(records))
+    return {"path": str(root), "records": len(records)}
+
+
+# ---------------------------------------------------------------------------------------------- synthetic pairs
+def caption_records(config: WorldConfig, split: str, images_dir: Path | None) -> list[dict[str, Any]]:
+    """Caption pairs of one split; writes each image under ``images_dir/<split>/`` when given."""
+    seed, n_images = config.split_seed(split), getattr(config, f"{split}_images")
+    levels = dealt_levels(n_images * config.pairs_per_image, config.level_weights)
+    records = []
+    for i in range(n_images):
+        rng = item_rng(seed, "caption", split, i)
+        scene, jpeg = draw_image(rng, config)
+        rel = f"{split}/c{i:06d}.jpg"
+        if images_dir is not None:
+            (images_dir / rel).write_bytes(jpeg)
+        style = sample_style(rng)  # shared by the image's level-3 and style-matched level-1 captions
+        for j in range(config.pairs_per_image):
+            level = levels[i * config.pairs_per_image + j]
+            text = make_caption(scene, level, rng, config.levels, max_objects=config.max_objects, style=style)
+            records.append(
+                {
+                    "id": f"{split}-c{i:06d}-{j}",
+                    "image": rel,
+                    "text": "<image>\n" + text.text,
+                    "label": level,
+                    "variant": text.variant,
+                }
+            )
+    return records
+
+
+def document_records(config: WorldConfig, split: str, images_dir: Path | None) -> list[dict[str, Any]]:
+    """Interleaved pairs of one split: blocks of ``pairs_per_image`` documents share one image set."""
+    seed, n_docs = config.split_seed(split), getattr(config, f"{split}_documents")
+    levels = dealt_levels(n_docs, config.level_weights)
+    records: list[dict[str, Any]] = []
+    for b in range(-(-n_docs // config.pairs_per_image)):
+        rng = item_rng(seed, "document", split, b)
+        scenes, rels = [], []
+        for k in range(rng.randint(1, config.max_doc_images)):
+            scene, jpeg = draw_image(rng, config)
+            rel = f"{split}/d{b:06d}_{k}.jpg"
+            if images_dir is not None:
+                (images_dir / rel).write_bytes(jpeg)
+            scenes.append(scene)
+            rels.append(rel)
+        style = sample_style(rng)
+        for j in range(config.pairs_per_image):
+            index = b * config.pairs_per_image + j
+            if index >= n_docs:
+                break
+            doc = make_document(
+                scenes, levels[index], rng, config.levels, max_objects=config.max_objects, style=style
+            )
+            text = "\n\n".join("<image>" if s is None else s for s in doc.slots)
+            records.append(
+                {
+                    "id": f"{split}-d{b:06d}-{j}",
+                    "image": rels,
+                    "text": text,
+                    "label": doc.level,
+                    "variant": doc.variant,
+                }
+            )
+    return records
+
+
+def write_synthetic_pairs(kind: str, out_dir: str | os.PathLike[str], config: WorldConfig) -> dict[str, Any]:
+    """Write world pairs of ``kind`` (``caption`` | ``interleaved``) as UniFilter training JSON.
+
+    Writes ``out_dir/train.json``, ``out_dir/val.json`` (validation from ``config.effective_val_seed``), images
+    under ``out_dir/images/{train,val}/`` (record paths are relative to ``out_dir/images``) and a marker
+    ``world_pairs.json``. Records: ``{"id", "image": path | [paths in <image> order], "text", "label": 0..3,
+    "variant"}``.
+
+    Returns:
+        A summary: record counts and level counts per split, seconds and pairs per second.
+    """
+    if kind not in ("caption", "interleaved"):
+        raise ValueError(f"kind must be 'caption' or 'interleaved', got {kind!r}")
+    out = Path(out_dir)
+    start = time.perf_counter()
+    images_dir = _fresh_dir(out / "images")
+    build = caption_records if kind == "caption" else document_records
+    summary: dict[str, Any] = {"backend": "world", "kind": kind, "seed": config.seed}
+    for split in ("train", "val"):
+        (images_dir / split).mkdir()
+        records = build(config, split, images_dir)
+        atomic_write_bytes(out / f"{split}.json", dump_records(records))
+        summary[split] = len(records)
+        summary[f"{split}_levels"] = {
+            str(k): v for k, v in sorted(Counter(r["label"] for r in records).items())
+        }
+    atomic_write_bytes(out / PAIRS_MARKER, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
+    seconds = time.perf_counter() - start
+    n = summary["train"] + summary["val"]
+    summary.update(
+        path=str(out), seconds=round(seconds, 3), pairs_per_s=round(n / seconds, 1) if seconds > 0 else None
+    )
+    logger.info("world %s pairs: %d train, %d val in %.1f s", kind, summary["train"], summary["val"], seconds)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------- whole world
+def world_dir(root: str | os.PathLike[str]) -> Path:
+    """``<root>/world``: the world's manifest and truth sidecar (outside ``sources/``)."""
+    return Path(root) / "world"
+
+
+def read_world_manifest(root: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The ``world/world.json`` manifest under ``root``, or None when no world was written there."""
+    path = world_dir(root) / "world.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _check_ownership(root: Path, overwrite: bool) -> list[str]:
+    """Tars of a previous world (to replace), or raise if the outputs hold data the world did not write."""
+    manifest = read_world_manifest(root)
+    if manifest is not None:
+        return [str(root / t) for tars in manifest["outputs"]["tars"]["tars"].values() for t in tars]
+    if overwrite:
+        return []
+    from unifilter_core.synth.tars import CAPTION_SOURCE, INTERLEAVED_SOURCE
+
+    foreign = [
+        p
+        for s in (CAPTION_SOURCE, INTERLEAVED_SOURCE)
+        for p in sorted((paths.sources_dir(root) / s).glob("*.tar"))
+    ]
+    foreign += [
+        paths.synthetic_dir(root, k) / "train.json"
+        for k in ("caption", "interleaved")
+        if (paths.synthetic_dir(root, k) / "train.json").exists()
+        and not (paths.synthetic_dir(root, k) / PAIRS_MARKER).exists()
+    ]
+    if foreign:
+        raise ValueError(
+            f"{root} already holds data the world generator did not write (e.g. {foreign[0]}); "
+            "use another data root, or overwrite=True (CLI: --force) to replace it"
+        )
+    return []
+
+
+def _relative(path: str, root: Path) -> str:
+    return Path(path).resolve().relative_to(root).as_posix()
+
+
+def write_world(
+    root: str | os.PathLike[str], config: WorldConfig, *, overwrite: bool = False
+) -> dict[str, Any]:
+    """Write the whole embedded world under the data root ``root``.
+
+    Layout: ``sources/datacomp/*.tar``, ``sources/obelics/*.tar``, ``synthetic/{caption,interleaved}/``,
+    ``pretrain/llava_pretrain/``, ``world/truth.parquet`` and ``world/world.json`` (the config and the outputs).
+    Tars of a previous world under ``root`` that the new config does not produce are removed.
+
+    Args:
+        root: the data root.
+        config: the world's sizes and seed.
+        overwrite: replace tars or synthetic pairs that the world generator did not write (off by default, so
+            Claude-generated pairs are never clobbered by accident).
+
+    Returns:
+        The manifest written to ``world.json`` plus ``seconds`` and ``pairs_per_s`` (pairs = synthetic caption and
+        interleaved records, LLaVA-Pretrain records and tar samples).
+    """
+    from unifilter_core.synth.tars import write_world_tars
+
+    root = Path(root).resolve()
+    previous_tars = _check_ownership(root, overwrite)
+    start = time.perf_counter()
+    outputs: dict[str, Any] = {
+        "pretrain": write_llava_pretrain(paths.pretrain_dir(root), config),
+        "caption": write_synthetic_pairs("caption", paths.synthetic_dir(root, "caption"), config),
+        "interleaved": write_synthetic_pairs("interleaved", paths.synthetic_dir(root, "interleaved"), config),
+        "tars": write_world_tars(paths.sources_dir(root), config, world_dir(root) / "truth.parquet"),
+    }
+    current = {t for tars in outputs["tars"]["tars"].values() for t in tars}
+    for stale in sorted(set(previous_tars) - current):
+        Path(stale).unlink(missing_ok=True)
+    seconds = time.perf_counter() - start
+    n_pairs = outputs["pretrain"]["records"] + sum(outputs["tars"]["samples"].values())
+    n_pairs += sum(outputs[k]["train"] + outputs[k]["val"] for k in ("caption", "interleaved"))
+    for part in outputs.values():  # world.json is deterministic: no timings, paths relative to the root
+        for name in ("seconds", "pairs_per_s"):
+            part.pop(name, None)
+        for name in ("path", "truth"):
+            if name in part:
+                part[name] = _relative(part[name], root)
+    for source, tars in outputs["tars"]["tars"].items():
+        outputs["tars"]["tars"][source] = [_relative(t, root) for t in tars]
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "config": config.to_dict(),
+        "outputs": outputs,
+        "pairs": n_pairs,
+    }
+    atomic_write_bytes(
+        world_dir(root) / "world.json", (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+    )
+    logger.info("world written under %s: %d pairs in %.1f s", root, n_pairs, seconds)
+    return {**manifest, "seconds": round(seconds, 3), "pairs_per_s": round(n_pairs / seconds, 1)}
