@@ -11,9 +11,13 @@ import argparse
 import importlib
 import logging
 import sys
+from importlib.metadata import entry_points
 
 # module names under unifilter_core.cli, in the order their subcommands are listed in --help
-_COMMAND_MODULES = ("score", "world", "synth", "train", "catalog_cmds", "demo", "report")
+_COMMAND_MODULES = ("score", "world", "synth", "train", "catalog_cmds", "report")
+# Packages that build on the core (unifilter_dagster: `demo`, `ui`) add subcommands through this entry-point
+# group; the core never imports them.
+_PLUGIN_GROUP = "unifilter.commands"
 
 
 class CLIError(Exception):
@@ -21,7 +25,9 @@ class CLIError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="unifilter", description="UniFilter: multimodal data quality filtering")
+    parser = argparse.ArgumentParser(
+        prog="unifilter", description="UniFilter: multimodal data quality filtering"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in _COMMAND_MODULES:
@@ -32,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # subcommand not part of this build
             raise
         module.register(sub)
+    for entry in entry_points(group=_PLUGIN_GROUP):
+        entry.load()(sub)
     return parser
 
 

@@ -1,0 +1,293 @@
+"""Per-partition pipeline steps shared by the Dagster assets and the CLI.
+
+Each function does one step of the platform on one tar (or the whole catalog) and returns a plain dict of
+figures the caller reports (Dagster metadata, CLI output). Nothing here imports dagster.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from unifilter_core import paths
+from unifilter_core.catalog import Catalog, TarRecord, ThresholdRow
+
+logger = logging.getLogger(__name__)
+
+SourceKind = Literal["caption", "interleaved"]
+_SOURCE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+THRESHOLDS_FILE = "thresholds.json"
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One input source: a folder of ``<NNNNNNNN>.tar`` shards of one kind.
+
+    Attributes:
+        name: source name, the partition-key prefix (``datacomp`` -> ``datacomp_0042``).
+        kind: ``caption`` (DataComp/img2dataset layout) or ``interleaved`` (OBELICS layout).
+        path: the folder holding the tars; None = ``<data root>/sources/<name>``.
+    """
+
+    name: str
+    kind: SourceKind
+    path: str | None = None
+
+    def __post_init__(self) -> None:
+        if not _SOURCE_NAME.match(self.name):
+            raise ValueError(
+                f"source name {self.name!r} must start with a lowercase letter and hold only a-z, 0-9, '_' or '-'"
+            )
+        if self.kind not in ("caption", "interleaved"):
+            raise ValueError(
+                f"source {self.name!r}: kind must be 'caption' or 'interleaved', got {self.kind!r}"
+            )
+
+    def directory(self, root: Path) -> Path:
+        return Path(self.path).expanduser().resolve() if self.path else paths.sources_dir(root) / self.name
+
+
+DEFAULT_SOURCES: tuple[SourceSpec, ...] = (
+    SourceSpec("datacomp", "caption"),
+    SourceSpec("obelics", "interleaved"),
+)
+
+
+def check_sources(sources: Sequence[SourceSpec]) -> dict[str, SourceSpec]:
+    """Sources by name; raises ValueError on an empty list or a duplicate name."""
+    if not sources:
+        raise ValueError("no sources configured: give at least one (name, kind, path)")
+    by_name: dict[str, SourceSpec] = {}
+    for spec in sources:
+        if spec.name in by_name:
+            raise ValueError(f"source {spec.name!r} is configured twice")
+        by_name[spec.name] = spec
+    return by_name
+
+
+def discover_tar_records(root: Path, sources: Sequence[SourceSpec]) -> list[TarRecord]:
+    """Every ``<NNNNNNNN>.tar`` under the sources, as catalog records (sorted by partition key).
+
+    A missing source folder contributes nothing (logged). Two tars that map to the same partition key
+    (``42.tar`` and ``00000042.tar``) raise ValueError: the key must name one tar.
+    """
+    from unifilter_core.scoring.discovery import discover_tars
+
+    records: dict[str, TarRecord] = {}
+    for spec in check_sources(sources).values():
+        folder = spec.directory(root)
+        if not folder.is_dir():
+            logger.warning("source %s: folder %s does not exist (no tars)", spec.name, folder)
+            continue
+        for tar in discover_tars(folder):
+            key = paths.partition_key(spec.name, tar)
+            if key in records:
+                raise ValueError(f"tars {records[key].path} and {tar} both map to partition {key!r}")
+            st = tar.stat()
+            records[key] = TarRecord(key, spec.name, str(tar), spec.kind, st.st_size, st.st_mtime, None)
+    return [records[k] for k in sorted(records)]
+
+
+def resolve_partition(
+    root: Path, sources: Sequence[SourceSpec], partition_key: str
+) -> tuple[SourceSpec, Path]:
+    """The source and tar of a partition key, found on disk (raises ValueError with what to do if absent)."""
+    from unifilter_core.scoring.discovery import discover_tars
+
+    source, number = paths.parse_partition_key(partition_key)
+    by_name = check_sources(sources)
+    if source not in by_name:
+        raise ValueError(
+            f"partition {partition_key!r}: source {source!r} is not configured ({sorted(by_name)})"
+        )
+    spec = by_name[source]
+    folder = spec.directory(root)
+    if folder.is_dir():
+        for tar in discover_tars(folder):
+            if int(tar.name.split(".")[0]) == number:
+                return spec, tar
+    raise ValueError(f"partition {partition_key!r}: no tar numbered {number} under {folder}")
+
+
+def score_table_path(root: Path, source: str, tar: Path) -> Path:
+    return paths.scores_dir(root, source) / f"{tar.name.split('.')[0]}.parquet"
+
+
+def filtered_tar_path(root: Path, source: str, tar: Path) -> Path:
+    return paths.filtered_dir(root, source) / tar.name
+
+
+def score_partition(
+    root: Path,
+    spec: SourceSpec,
+    tar: Path,
+    partition_key: str,
+    scorer: Any,
+    config: Any = None,
+    *,
+    catalog: Catalog | None = None,
+    progress: bool = False,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Score one tar into its score table (skipped when up to date) and record its statistics.
+
+    Returns:
+        Figures: rows, counts by status and reason, samples/s, paths, fingerprints, score mean/quantiles.
+    """
+    from unifilter_core.scoring import score_tar
+
+    out = score_table_path(root, spec.name, tar)
+    summary = score_tar(
+        tar,
+        scorer,
+        out,
+        kind=spec.kind,
+        source=spec.name,
+        partition_key=partition_key,
+        config=config,
+        progress=progress,
+        force=force,
+    )
+    result: dict[str, Any] = {"summary": summary, "table": str(out)}
+    if catalog is not None:
+        stats = catalog.record_score_stats(partition_key, out)
+        result["stats"] = asdict(stats)
+    return result
+
+
+def choose_thresholds(
+    root: Path,
+    catalog: Catalog,
+    *,
+    keep_fraction: float | None = None,
+    absolute: float | None = None,
+    model_fingerprint: str | None = None,
+) -> list[ThresholdRow]:
+    """Compute (and record in the catalog) one threshold per source; write ``<root>/thresholds.json``.
+
+    Raises:
+        ValueError: invalid keep fraction / absolute score, or no scored rows at all.
+    """
+    rows = catalog.compute_threshold(
+        keep_fraction=keep_fraction, absolute=absolute, record=True, model_fingerprint=model_fingerprint
+    )
+    if not rows:
+        raise ValueError("no scored samples yet: materialize `scores` for at least one partition first")
+    doc = {r.source: r.to_dict() for r in rows}
+    from unifilter_core.data import write_manifest_json
+
+    write_manifest_json(root / THRESHOLDS_FILE, json.loads(json.dumps(doc, default=str)))
+    return rows
+
+
+def read_thresholds(root: Path) -> dict[str, dict[str, Any]]:
+    """The thresholds chosen last (``<root>/thresholds.json``); raises ValueError when none were chosen."""
+    path = root / THRESHOLDS_FILE
+    if not path.is_file():
+        raise ValueError(f"no thresholds chosen yet ({path} missing): materialize `quality_threshold` first")
+    return json.loads(path.read_text())
+
+
+def kept_keys(table: Path, threshold: float) -> tuple[set[str], list[str]]:
+    """Keys of the ok rows of a score table with ``score >= threshold``, and the uids among them."""
+    import pyarrow.parquet as pq
+
+    cols = pq.read_table(table, columns=["key", "uid", "score", "status"]).to_pydict()
+    keep: set[str] = set()
+    uids: list[str] = []
+    for key, uid, score, status in zip(cols["key"], cols["uid"], cols["score"], cols["status"], strict=True):
+        if status == "ok" and score is not None and np.isfinite(score) and score >= threshold:
+            keep.add(key)
+            if uid:
+                uids.append(uid)
+    return keep, uids
+
+
+def uids_to_datacomp_subset(uids: Iterable[str]) -> np.ndarray:
+    """DataComp's subset format: a sorted structured array of dtype ``u8,u8`` (the 128-bit uid as two halves).
+
+    Raises:
+        ValueError: a uid that is not 32 hex digits.
+    """
+    pairs = []
+    for uid in uids:
+        if len(uid) != 32 or not all(c in "0123456789abcdefABCDEF" for c in uid):
+            raise ValueError(f"uid {uid!r} is not a 32-hex-digit DataComp uid")
+        pairs.append((int(uid[:16], 16), int(uid[16:], 16)))
+    arr = np.array(sorted(pairs), dtype=np.dtype("u8,u8"))
+    return arr
+
+
+def write_npy_atomic(path: Path, array: np.ndarray) -> None:
+    from unifilter_core.data import atomic_output
+
+    with atomic_output(path) as fh:
+        np.save(fh, array, allow_pickle=False)
+
+
+def filter_partition(root: Path, spec: SourceSpec, tar: Path, partition_key: str) -> dict[str, Any]:
+    """Write the kept samples of one tar (score >= its source's chosen threshold) as a webdataset tar.
+
+    Also writes ``<stem>.manifest.json`` and, for caption sources whose samples carry DataComp uids,
+    ``<stem>.uids.npy`` in the DataComp resharder's subset format.
+
+    Raises:
+        ValueError: no threshold chosen for the source, or no score table for the tar.
+    """
+    from unifilter_core.data import write_filtered_tar, write_manifest_json
+
+    thresholds = read_thresholds(root)
+    if spec.name not in thresholds:
+        raise ValueError(f"no threshold chosen for source {spec.name!r}: rematerialize `quality_threshold`")
+    threshold = float(thresholds[spec.name]["threshold"])
+    table = score_table_path(root, spec.name, tar)
+    if not table.is_file():
+        raise ValueError(
+            f"partition {partition_key!r} has no score table {table}: materialize `scores` first"
+        )
+    keep, uids = kept_keys(table, threshold)
+    out = filtered_tar_path(root, spec.name, tar)
+    summary = write_filtered_tar(tar, keep, out)
+    stem = tar.name.split(".")[0]
+    result: dict[str, Any] = {
+        "partition_key": partition_key,
+        "source": spec.name,
+        "threshold": threshold,
+        "kept": summary.kept,
+        "dropped": summary.dropped,
+        "unsafe": summary.unsafe,
+        "path": str(out),
+        **{k: v for k, v in summary.to_dict().items() if k not in ("kept", "dropped", "unsafe")},
+    }
+    if spec.kind == "caption" and uids:
+        subset = out.parent / f"{stem}.uids.npy"
+        write_npy_atomic(subset, uids_to_datacomp_subset(uids))
+        result["datacomp_subset"] = str(subset)
+    write_manifest_json(out.parent / f"{stem}.manifest.json", result)
+    return result
+
+
+def merge_datacomp_subsets(root: Path, source: str, out: Path | None = None) -> Path:
+    """Merge a source's per-tar ``*.uids.npy`` into one sorted subset file for DataComp's resharder."""
+    folder = paths.filtered_dir(root, source)
+    parts = [np.load(p, allow_pickle=False) for p in sorted(folder.glob("*.uids.npy"))]
+    if not parts:
+        raise ValueError(f"no per-tar uid files under {folder}: materialize `filtered_dataset` first")
+    merged = np.sort(np.concatenate(parts))
+    out = out or folder / "subset.npy"
+    write_npy_atomic(out, merged)
+    return out
+
+
+def file_fingerprint_quick(path: Path) -> str:
+    """A cheap identity of a file for lineage (size and mtime), when hashing it would cost too much."""
+    st = os.stat(path)
+    return f"stat:{st.st_size}:{st.st_mtime_ns}"

@@ -1,0 +1,1 @@
+"""The platform's assets (keys are public interface: design.md)."""

@@ -1,0 +1,105 @@
+"""Training inputs: synthetic (example, quality level) pairs and the LLaVA-Pretrain caption subset."""
+
+from pathlib import Path
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from unifilter_core import paths
+from unifilter_dagster.assets._meta import CODE_VERSION, record, scalar_metadata, timed
+from unifilter_dagster.resources import ClaudeResource, UniFilterHome
+
+
+def _generate_pairs(
+    kind: str,
+    context: dg.AssetExecutionContext,
+    home: UniFilterHome,
+    claude: ClaudeResource,
+    duckdb: DuckDBResource,
+) -> dg.MaterializeResult:
+    root = home.root_path
+    out = paths.synthetic_dir(root, kind)
+    with timed() as timing:
+        if claude.backend == "world":
+            from unifilter_core.synth import write_synthetic_pairs
+
+            summary = write_synthetic_pairs(kind, out, home.world.to_world_config())
+        else:
+            from unifilter_core.synth.claude import SourceSpec, load_items, run_claude_generation
+
+            spec = SourceSpec(claude.source_type, Path(claude.source_path) if claude.source_path else None)
+            items, skipped = load_items(kind, spec, limit=claude.limit, data_root=root)
+            summary = run_claude_generation(kind, items, out, claude.claude_config())
+            summary["source_skipped"] = skipped
+    catalog = home.catalog(duckdb)
+    if claude.backend == "claude":
+        catalog.ingest_ledger(out / "ledger.jsonl", kind=kind)
+    rows = int(summary.get("train", 0)) + int(summary.get("val", 0))
+    record(catalog, context, timing, rows=rows)
+    return dg.MaterializeResult(
+        metadata={
+            "backend": claude.backend,
+            "path": dg.MetadataValue.path(str(out)),
+            "records": rows,
+            "seconds": timing["seconds"],
+            **scalar_metadata(summary),
+        }
+    )
+
+
+@dg.asset(group_name="training_data", code_version=CODE_VERSION, kinds={"python", "json"})
+def synthetic_caption_pairs(
+    context: dg.AssetExecutionContext, home: UniFilterHome, claude: ClaudeResource, duckdb: DuckDBResource
+) -> dg.MaterializeResult:
+    """Caption (image, text, level 0..3) pairs in UniFilter training JSON: Claude-written or from the world."""
+    return _generate_pairs("caption", context, home, claude, duckdb)
+
+
+@dg.asset(group_name="training_data", code_version=CODE_VERSION, kinds={"python", "json"})
+def synthetic_interleaved_pairs(
+    context: dg.AssetExecutionContext, home: UniFilterHome, claude: ClaudeResource, duckdb: DuckDBResource
+) -> dg.MaterializeResult:
+    """Interleaved-document pairs at 4 quality levels: Claude-written or from the world."""
+    return _generate_pairs("interleaved", context, home, claude, duckdb)
+
+
+class LlavaPretrainConfig(dg.Config):
+    """Where the LLaVA-Pretrain set comes from: the world (default) or a real download."""
+
+    json_path: str | None = None  # blip_laion_cc_sbu_558k.json of a real download
+    images: str | None = None  # its image folder or images.zip
+    subset_size: int | None = None  # records to keep (None = all valid)
+    seed: int = 0
+
+
+@dg.asset(group_name="training_data", code_version=CODE_VERSION, kinds={"python", "json"})
+def llava_pretrain_subset(
+    context: dg.AssetExecutionContext,
+    config: LlavaPretrainConfig,
+    home: UniFilterHome,
+    duckdb: DuckDBResource,
+) -> dg.MaterializeResult:
+    """The LLaVA-Pretrain 558K-format caption set stage 1 trains on (validated; a subset when configured)."""
+    out = paths.pretrain_dir(home.root_path)
+    with timed() as timing:
+        if config.json_path:
+            from unifilter_core.pretrain import prepare_llava_subset
+
+            if not config.images:
+                raise ValueError(
+                    "llava_pretrain_subset: `images` (folder or images.zip) is required with json_path"
+                )
+            summary = prepare_llava_subset(
+                config.json_path, config.images, out, subset_size=config.subset_size, seed=config.seed
+            )
+            rows = summary["kept"]
+        else:
+            from unifilter_core.synth import write_llava_pretrain
+
+            world = home.world.to_world_config()
+            summary = write_llava_pretrain(out, world)
+            rows = int(summary.get("records", 0))
+    record(home.catalog(duckdb), context, timing, rows=rows)
+    return dg.MaterializeResult(
+        metadata={"path": dg.MetadataValue.path(str(out)), "records": rows, **scalar_metadata(summary)}
+    )

@@ -1,0 +1,199 @@
+"""Tar-level assets: discovery (partition registration), per-tar scores, the threshold, the filtered tars."""
+
+import math
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+from pydantic import Field
+
+from unifilter_core import paths
+from unifilter_core.pipeline import (
+    choose_thresholds,
+    discover_tar_records,
+    filter_partition,
+    resolve_partition,
+    score_partition,
+)
+from unifilter_dagster.assets._meta import CODE_VERSION, md_table, record, scalar_metadata, timed
+from unifilter_dagster.assets.training import stage2_classifier
+from unifilter_dagster.partitions import GPU_TAG, TARS_PARTITIONS_NAME, tars_partitions
+from unifilter_dagster.resources import ScoringModelResource, UniFilterHome
+
+ROWS_CHECK = "one_row_per_sample"
+RANGE_CHECK = "scores_finite_in_range"
+SCORE_RANGE = (-1.0, 4.0)  # the released regression head outputs about 0..3
+
+
+def register_new_partitions(instance: dg.DagsterInstance, keys: list[str]) -> list[str]:
+    """Add the keys that are not yet ``tars`` partitions (idempotent); returns the ones added."""
+    existing = set(instance.get_dynamic_partitions(TARS_PARTITIONS_NAME))
+    new = [k for k in keys if k not in existing]
+    if new:
+        instance.add_dynamic_partitions(TARS_PARTITIONS_NAME, new)
+    return new
+
+
+def ensure_world_tars(home: UniFilterHome) -> None:
+    """With the world backend, write the world's source tars (and hidden levels) when they are missing."""
+    if not home.use_world:
+        return
+    from unifilter_core.synth import write_world_tars
+
+    root = home.root_path
+    if not (root / "world" / "truth.parquet").is_file():
+        write_world_tars(
+            paths.sources_dir(root), home.world.to_world_config(), root / "world" / "truth.parquet"
+        )
+
+
+@dg.asset(group_name="tars", code_version=CODE_VERSION, kinds={"duckdb"})
+def tar_manifest(
+    context: dg.AssetExecutionContext, home: UniFilterHome, duckdb: DuckDBResource
+) -> dg.MaterializeResult:
+    """Discovers the tars under every source, registers them as `tars` partitions and in the catalog."""
+    with timed() as timing:
+        ensure_world_tars(home)
+        tars = discover_tar_records(home.root_path, home.source_specs())
+        catalog = home.catalog(duckdb)
+        catalog.register_tars(tars)
+        new = register_new_partitions(context.instance, [t.partition_key for t in tars])
+    record(catalog, context, timing, rows=len(tars))
+    by_source: dict[str, int] = {}
+    for t in tars:
+        by_source[t.source] = by_source.get(t.source, 0) + 1
+    return dg.MaterializeResult(
+        metadata={
+            "tars": len(tars),
+            "new_partitions": len(new),
+            "by_source": dg.MetadataValue.json(by_source),
+            "partitions": dg.MetadataValue.json([t.partition_key for t in tars][:200]),
+        }
+    )
+
+
+def _score_checks(summary: object, table: str, tar_rows: int) -> list[dg.AssetCheckResult]:
+    import pyarrow.parquet as pq
+
+    cols = pq.read_table(table, columns=["score", "status"]).to_pydict()
+    ok = [s for s, st in zip(cols["score"], cols["status"], strict=True) if st == "ok"]
+    bad = [s for s in ok if s is None or not math.isfinite(s) or not SCORE_RANGE[0] <= s <= SCORE_RANGE[1]]
+    by_status = getattr(summary, "by_status", {})
+    return [
+        dg.AssetCheckResult(
+            check_name=ROWS_CHECK,
+            passed=len(cols["status"]) == tar_rows,
+            metadata={"table_rows": len(cols["status"]), "tar_samples": tar_rows, **by_status},
+            description="scored + skipped + failed rows equal the tar's samples",
+        ),
+        dg.AssetCheckResult(
+            check_name=RANGE_CHECK,
+            passed=not bad,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata={"ok_rows": len(ok), "out_of_range": len(bad), "range": str(SCORE_RANGE)},
+            description="scores of ok rows are finite and within the expected range",
+        ),
+    ]
+
+
+@dg.asset(
+    group_name="tars",
+    partitions_def=tars_partitions,
+    code_version=CODE_VERSION,
+    deps=[tar_manifest, stage2_classifier],
+    kinds={"pytorch", "parquet"},
+    check_specs=[
+        dg.AssetCheckSpec(ROWS_CHECK, asset="scores"),
+        dg.AssetCheckSpec(RANGE_CHECK, asset="scores"),
+    ],
+)
+def scores(
+    context: dg.AssetExecutionContext,
+    home: UniFilterHome,
+    duckdb: DuckDBResource,
+    scoring_model: ScoringModelResource,
+) -> dg.MaterializeResult:
+    """The score table of one tar: one row per sample (ok, skipped or error, with a reason code)."""
+    from unifilter_core.data import iter_raw_samples
+
+    root = home.root_path
+    spec, tar = resolve_partition(root, home.source_specs(), context.partition_key)
+    scorer = scoring_model.load(root, context.run.tags.get(GPU_TAG))
+    catalog = home.catalog(duckdb)
+    with timed() as timing:
+        result = score_partition(
+            root, spec, tar, context.partition_key, scorer, scoring_model.scoring_config(), catalog=catalog
+        )
+    summary, stats = result["summary"], result["stats"]
+    from unifilter_core.scoring import read_manifest
+
+    manifest = read_manifest(summary.manifest_path) or {}
+    record(catalog, context, timing, rows=summary.rows, model_fingerprint=scorer.model_fingerprint,
+           input_fingerprint=(manifest.get("tar") or {}).get("fingerprint"))  # fmt: skip
+    tar_rows = sum(1 for _ in iter_raw_samples(tar))
+    stat_view = {k: stats.get(k) for k in ("n_ok", "n_skipped", "n_error", "mean", "p05", "p50", "p95")}
+    return dg.MaterializeResult(
+        metadata={
+            "tar": dg.MetadataValue.path(str(tar)),
+            "table": dg.MetadataValue.path(result["table"]),
+            "rows": summary.rows,
+            "resumed": summary.resumed,
+            "samples_per_s": round(summary.samples_per_s, 2),
+            "model_fingerprint": scorer.model_fingerprint,
+            "reasons": dg.MetadataValue.json(summary.by_reason),
+            **scalar_metadata(stat_view),
+        },
+        check_results=_score_checks(summary, result["table"], tar_rows),
+    )
+
+
+class ThresholdSettings(dg.Config):
+    """Keep a fraction of each source's ok samples (default 0.3), or everything above an absolute score."""
+
+    keep_fraction: float | None = Field(default=0.3, description="in (0, 1]; ignored when absolute is set")
+    absolute: float | None = Field(default=None, description="absolute score threshold")
+
+
+@dg.asset(group_name="tars", code_version=CODE_VERSION, deps=[scores], kinds={"duckdb"})
+def quality_threshold(
+    context: dg.AssetExecutionContext, config: ThresholdSettings, home: UniFilterHome, duckdb: DuckDBResource
+) -> dg.MaterializeResult:
+    """One threshold per source from every score table (DuckDB), recorded in the catalog."""
+    keep = None if config.absolute is not None else config.keep_fraction
+    catalog = home.catalog(duckdb)
+    with timed() as timing:
+        rows = choose_thresholds(home.root_path, catalog, keep_fraction=keep, absolute=config.absolute)
+    record(catalog, context, timing, rows=sum(r.kept for r in rows))
+    table = [
+        {"source": r.source, "mode": r.mode, "threshold": r.threshold, "kept": r.kept, "total": r.total,
+         "kept_share": round(r.kept_share, 4)}
+        for r in rows
+    ]  # fmt: skip
+    return dg.MaterializeResult(
+        metadata={
+            "thresholds": md_table(table),
+            "kept": sum(r.kept for r in rows),
+            "total": sum(r.total for r in rows),
+            "by_source": dg.MetadataValue.json({r.source: r.to_dict() for r in rows}),
+        }
+    )
+
+
+@dg.asset(
+    group_name="tars",
+    partitions_def=tars_partitions,
+    code_version=CODE_VERSION,
+    deps=[scores, quality_threshold],
+    kinds={"webdataset"},
+)
+def filtered_dataset(
+    context: dg.AssetExecutionContext, home: UniFilterHome, duckdb: DuckDBResource
+) -> dg.MaterializeResult:
+    """The kept samples of one tar as a webdataset tar (original members and keys) plus a manifest."""
+    root = home.root_path
+    spec, tar = resolve_partition(root, home.source_specs(), context.partition_key)
+    with timed() as timing:
+        result = filter_partition(root, spec, tar, context.partition_key)
+    record(home.catalog(duckdb), context, timing, rows=result["kept"])
+    return dg.MaterializeResult(
+        metadata={"path": dg.MetadataValue.path(result["path"]), **scalar_metadata(result)}
+    )

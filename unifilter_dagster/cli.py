@@ -1,0 +1,104 @@
+"""``unifilter demo`` and ``unifilter ui``: subcommands this package adds to the core CLI (entry points)."""
+
+import argparse
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from unifilter_core import paths
+from unifilter_core.cli import CLIError
+
+
+def register_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="run the whole asset graph on the embedded world through Dagster",
+        description="Materialize every asset on the embedded world (world data, training, scoring, threshold, "
+        "filtered tars) in a Dagster instance under the data root, then report how well filtering worked.",
+    )
+    p.add_argument("--root", help="data root (default: $UNIFILTER_HOME or ./.unifilter)")
+    p.add_argument("--keep", type=float, default=0.3, help="share of each source to keep (default 0.3)")
+    p.add_argument("--quick", action="store_true", help="a small world and short training (a smoke test)")
+    p.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    p.set_defaults(func=_demo)
+
+
+QUICK_WORLD = {
+    "train_images": 200,
+    "val_images": 50,
+    "train_documents": 40,
+    "val_documents": 20,
+    "pretrain_images": 100,
+    "caption_tars": 1,
+    "caption_tar_samples": 60,
+    "interleaved_tars": 1,
+    "interleaved_tar_docs": 20,
+}
+QUICK_STAGE1 = ["num_train_epochs=1"]
+QUICK_STAGE2 = ["num_train_epochs=1"]
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import json
+
+    from unifilter_core.catalog import ThresholdRow, format_table
+    from unifilter_dagster.demo import run_demo
+
+    if not 0 < args.keep <= 1:
+        raise CLIError(f"--keep must be in (0, 1], got {args.keep}")
+    root = paths.data_root(args.root)
+    result = run_demo(
+        root,
+        keep_fraction=args.keep,
+        world=QUICK_WORLD if args.quick else None,
+        stage1_overrides=QUICK_STAGE1 if args.quick else None,
+        stage2_overrides=QUICK_STAGE2 if args.quick else None,
+    )
+    names = {f.name for f in dataclasses.fields(ThresholdRow)}
+    rows = [
+        ThresholdRow(**{k: v for k, v in r.items() if k in names})
+        for _, r in sorted(result["thresholds"].items())
+    ]
+    print(format_table(rows) if rows else "(no thresholds)")
+    for source, q in sorted(result["quality"]["by_source"].items()):
+        print(f"{source}: kept {q['kept']} of {q['samples']}, precision {q['kept_precision']:.3f}, "
+              f"recall of level 3 {q['kept_recall']:.3f}")  # fmt: skip
+    print(f"data root: {root}  (open the runs with `unifilter ui`)")
+    print(f"seconds: {result['seconds']}")
+    if args.json:
+        print(json.dumps(result, default=str, indent=2))
+    acc, rho = result["accuracy"], result["spearman"]
+    print(
+        f"demo: accuracy={acc:.3f} spearman={rho:.3f} kept_precision={result['kept_precision']:.3f} "
+        f"kept_recall={result['kept_recall']:.3f}"
+    )
+    return 0
+
+
+def register_ui(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ui", help="serve the Dagster UI (dagster dev) over the data root's instance")
+    p.add_argument("--root", help="data root (default: $UNIFILTER_HOME or ./.unifilter)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=3000)
+    p.set_defaults(func=_ui)
+
+
+def _ui(args: argparse.Namespace) -> int:
+    from unifilter_dagster.demo import prepare_dagster_home
+
+    root = paths.data_root(args.root)
+    root.mkdir(parents=True, exist_ok=True)
+    prepare_dagster_home(root)
+    env = {**os.environ, "UNIFILTER_HOME": str(root)}
+    dagster = Path(sys.executable).with_name("dagster")
+    cmd = [str(dagster), "dev", "-m", "unifilter_dagster", "-h", args.host, "-p", str(args.port)]
+    # its own process group, so that one signal stops dagster dev and the servers it starts
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        os.killpg(proc.pid, signal.SIGTERM)
+        return proc.wait()

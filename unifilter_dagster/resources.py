@@ -1,0 +1,206 @@
+"""Typed Dagster resources: the data root and sources, the Claude client settings, the scoring model.
+
+The DuckDB catalog is dagster-duckdb's ``DuckDBResource`` (its ``database`` is the catalog file); every write
+goes through :class:`unifilter_core.catalog.Catalog`, which serialises writers across processes.
+Secrets never pass through here: the Claude key is read from ``ANTHROPIC_API_KEY`` by the core client.
+"""
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+from pydantic import Field
+
+from unifilter_core import paths
+from unifilter_core.pipeline import DEFAULT_SOURCES, SourceSpec
+
+ACTIVE_CLASSIFIER_FILE = "active_classifier.json"
+
+
+class SourceConfig(dg.Config):
+    """One input source: a folder of ``<NNNNNNNN>.tar`` shards."""
+
+    name: str = Field(description="source name, the partition-key prefix (datacomp -> datacomp_0042)")
+    kind: str = Field(description="caption (DataComp) or interleaved (OBELICS)")
+    path: str | None = Field(default=None, description="folder of tars; default <data root>/sources/<name>")
+
+
+class WorldSettings(dg.Config):
+    """Sizes of the embedded world (None = the generator's default, sized for a 2-core CPU demo)."""
+
+    seed: int = 0
+    train_images: int | None = None
+    val_images: int | None = None
+    train_documents: int | None = None
+    val_documents: int | None = None
+    pretrain_images: int | None = None
+    caption_tars: int | None = None
+    caption_tar_samples: int | None = None
+    interleaved_tars: int | None = None
+    interleaved_tar_docs: int | None = None
+
+    def to_world_config(self) -> Any:
+        from unifilter_core.synth import WorldConfig
+
+        sizes = {k: v for k, v in self.model_dump().items() if v is not None}
+        return WorldConfig(**sizes)
+
+
+def default_root() -> str:
+    return str(paths.data_root())
+
+
+class UniFilterHome(dg.ConfigurableResource):
+    """The data root, the input sources and whether inputs come from the embedded world."""
+
+    root: str = Field(description="data root (UNIFILTER_HOME); every artefact lives under it")
+    sources: list[SourceConfig] = Field(
+        default_factory=lambda: [
+            SourceConfig(name=s.name, kind=s.kind, path=s.path) for s in DEFAULT_SOURCES
+        ],
+        description="input sources; the world writes datacomp (caption) and obelics (interleaved)",
+    )
+    use_world: bool = Field(
+        default=True,
+        description="inputs come from the embedded world (written when missing); False = real data only",
+    )
+    world: WorldSettings = Field(default_factory=WorldSettings)
+
+    @property
+    def root_path(self) -> Path:
+        return Path(self.root).expanduser().resolve()
+
+    def source_specs(self) -> list[SourceSpec]:
+        return [SourceSpec(s.name, s.kind, s.path) for s in self.sources]
+
+    def catalog(self, duckdb: DuckDBResource) -> Any:
+        from unifilter_core.catalog import Catalog
+
+        return Catalog(duckdb.database, root=self.root_path)
+
+
+class ClaudeResource(dg.ConfigurableResource):
+    """Which backend writes the synthetic pairs, and the Claude settings when it is Claude.
+
+    The API key is never configuration: the client reads ``ANTHROPIC_API_KEY`` from the environment.
+    """
+
+    backend: str = Field(default="world", description="world (offline generator) or claude")
+    model: str = "claude-sonnet-5"
+    max_tokens: int = 2048
+    concurrency: int = 4
+    budget_usd: float = Field(default=5.0, description="stop sending when spent + estimate exceeds this")
+    mode: str = Field(default="auto", description="auto | messages | batches")
+    base_url: str | None = Field(
+        default=None, description="API base URL (default: ANTHROPIC_BASE_URL or SDK)"
+    )
+    source_type: str = Field(
+        default="world",
+        description="images Claude writes about: the world's, an image folder, LLaVA, OBELICS",
+    )
+    source_path: str | None = None
+    limit: int | None = Field(default=None, description="at most this many requests per kind")
+
+    def claude_config(self) -> Any:
+        from unifilter_core.synth.claude import ClaudeConfig
+
+        return ClaudeConfig(
+            model=self.model,
+            max_tokens=self.max_tokens,
+            concurrency=self.concurrency,
+            budget_usd=self.budget_usd,
+            mode=self.mode,
+            base_url=self.base_url,
+        )
+
+
+_SCORER_CACHE: dict[tuple[Any, ...], Any] = {}
+_SCORER_LOCK = threading.Lock()
+
+
+class ScoringModelResource(dg.ConfigurableResource):
+    """The classifier that scores tars, and how it runs."""
+
+    checkpoint: str | None = Field(
+        default=None,
+        description="classifier folder (ours or the released layout); default: the active stage2_classifier",
+    )
+    vision_tower: str | None = Field(default=None, description="local SigLIP folder for released checkpoints")
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
+    dtype: str = Field(default="auto", description="auto | float32 | bfloat16 | float16")
+    batch_size: int = 16
+    num_workers: int = 1
+    image_aspect_ratio: str | None = Field(
+        default=None, description="pad | resize (default: the checkpoint's)"
+    )
+    num_gpus: int = Field(default=0, description="GPUs on this machine for run tags (0 = score on CPU)")
+
+    def resolve_checkpoint(self, root: Path) -> Path:
+        """The explicit checkpoint, else the one ``stage2_classifier`` made active."""
+        import json
+
+        if self.checkpoint:
+            return Path(self.checkpoint).expanduser().resolve()
+        pointer = paths.models_dir(root) / ACTIVE_CLASSIFIER_FILE
+        if pointer.is_file():
+            return Path(json.loads(pointer.read_text())["path"])
+        default = paths.models_dir(root) / "stage2_classifier"
+        if default.is_dir():
+            return default
+        raise ValueError(
+            "no classifier yet: materialize `stage2_classifier` first, or set the scoring_model resource's "
+            "`checkpoint` to a classifier folder (e.g. the released UniFilter-Qwen2.5-1.5B)"
+        )
+
+    def resolve_device(self, gpu_tag: str | None) -> str:
+        """cuda:<tag> when the run carries a GPU tag, else the configured device (auto = cuda if present)."""
+        import torch
+
+        if self.device != "auto":
+            return self.device
+        if not torch.cuda.is_available():
+            return "cpu"
+        return f"cuda:{int(gpu_tag)}" if gpu_tag is not None else "cuda"
+
+    def load(self, root: Path, gpu_tag: str | None = None) -> Any:
+        """A cached ``Scorer`` for this process (one per checkpoint/device/options)."""
+        from unifilter_core.scorer import load_scorer
+
+        path = self.resolve_checkpoint(root)
+        device = self.resolve_device(gpu_tag)
+        dtype = (
+            self.dtype if self.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+        )
+        key = (str(path), os.stat(path / "config.json").st_mtime_ns, device, dtype, self.batch_size,
+               self.image_aspect_ratio, self.vision_tower)  # fmt: skip
+        with _SCORER_LOCK:
+            if key not in _SCORER_CACHE:
+                _SCORER_CACHE.clear()
+                _SCORER_CACHE[key] = load_scorer(
+                    path,
+                    device=device,
+                    dtype=dtype,
+                    batch_size=self.batch_size,
+                    image_aspect_ratio=self.image_aspect_ratio,
+                    vision_tower=self.vision_tower,
+                )
+            return _SCORER_CACHE[key]
+
+    def scoring_config(self) -> Any:
+        from unifilter_core.scoring import ScoringConfig
+
+        return ScoringConfig(batch_size=self.batch_size, num_workers=self.num_workers)
+
+
+def default_resources(root: str | None = None) -> dict[str, Any]:
+    """The resources of the platform, rooted at ``root`` (default: UNIFILTER_HOME or ./.unifilter)."""
+    root = root or default_root()
+    return {
+        "home": UniFilterHome(root=root),
+        "claude": ClaudeResource(),
+        "duckdb": DuckDBResource(database=str(paths.catalog_path(Path(root)))),
+        "scoring_model": ScoringModelResource(),
+    }
