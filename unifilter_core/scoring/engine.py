@@ -1,0 +1,382 @@
+"""The scoring engine: one webdataset tar in, one atomic score table (+ manifest) out.
+
+Flow for one tar (see ``pipeline.py`` for the workers, ``batching.py`` for bucketing, ``table.py`` for files)::
+
+    workers: read tar -> decode -> preprocess ──bounded queues──> main: window of W samples
+    main: sort window by length -> batches -> scorer.forward (inference mode) -> rows in tar order -> parquet row group
+    end:  parquet tmp -> fsync -> rename; manifest tmp -> fsync -> rename
+
+Memory is bounded by a window plus the workers' queues, whatever the tar size. Every sample yields exactly one
+row (``ok``, ``skipped`` or ``error`` with a reason code); a failing model batch is retried sample by sample.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+import unifilter_core
+from unifilter_core.data import tar_fingerprint
+from unifilter_core.paths import partition_key as make_partition_key
+from unifilter_core.scoring.batching import BatchRunner
+from unifilter_core.scoring.config import SampleKind, ScoringConfig, canonical_config, scorer_dtype
+from unifilter_core.scoring.pipeline import DecodePool, SampleItem, iter_items
+from unifilter_core.scoring.table import (
+    MANIFEST_FORMAT_VERSION,
+    Counts,
+    ManifestKey,
+    ScoreRow,
+    ScoreTableWriter,
+    clean_stale_temp_files,
+    config_hash,
+    is_complete,
+    manifest_path_for,
+    read_manifest,
+    table_paths,
+    write_manifest,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class TarScoreSummary:
+    """What happened to one tar.
+
+    Attributes:
+        tar_path: the input tar.
+        table_path: the score table (``<out_dir>/<stem>.parquet``).
+        manifest_path: its manifest.
+        partition_key: ``<source>_<NNNN>``.
+        resumed: True when an up-to-date table already existed and nothing was computed.
+        rows: rows in the table (one per sample).
+        by_status: row counts by status (``ok`` / ``skipped`` / ``error``).
+        by_reason: row counts by reason code.
+        wall_s: seconds spent scoring (0 when resumed).
+        model_s: seconds inside ``scorer.forward``.
+    """
+
+    tar_path: Path
+    table_path: Path
+    manifest_path: Path
+    partition_key: str
+    resumed: bool
+    rows: int
+    by_status: dict[str, int] = field(default_factory=dict)
+    by_reason: dict[str, int] = field(default_factory=dict)
+    wall_s: float = 0.0
+    model_s: float = 0.0
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.rows / self.wall_s if self.wall_s > 0 else 0.0
+
+    def describe(self) -> str:
+        """One line for humans: ``00000042.tar: 1000 rows (ok 990, skipped 4, error 6), 123.4 samples/s``."""
+        counts = ", ".join(f"{s} {self.by_status.get(s, 0)}" for s in ("ok", "skipped", "error"))
+        tail = "up to date, skipped" if self.resumed else f"{self.samples_per_s:.1f} samples/s"
+        return f"{self.tar_path.name}: {self.rows} rows ({counts}), {tail}"
+
+
+def _windows(items: Iterator[SampleItem], config: ScoringConfig) -> Iterator[list[SampleItem]]:
+    """Group the ordered stream into windows of ``window_size`` samples or ``max_window_bytes`` pixel bytes.
+
+    The first window holds one batch and each next one twice as many, up to ``window_size``: the model starts
+    as soon as one batch is decoded instead of waiting for a whole window (which would serialise small tars).
+    """
+    window: list[SampleItem] = []
+    pixel_bytes = 0
+    limit = min(config.batch_size, config.window_size)
+    for item in items:
+        window.append(item)
+        pixel_bytes += item.pixel_bytes
+        if len(window) >= limit or pixel_bytes >= config.max_window_bytes:
+            yield window
+            window, pixel_bytes = [], 0
+            limit = min(2 * limit, config.window_size)
+    if window:
+        yield window
+
+
+def _score_window(window: list[SampleItem], runner: BatchRunner, config: ScoringConfig) -> list[ScoreRow]:
+    ready = [item for item in window if item.prepared is not None]
+    scored = runner.run_window([item.prepared for item in ready], config.batch_size, config.max_batch_tokens)
+    by_index = {item.index: result for item, result in zip(ready, scored, strict=True)}
+    rows = []
+    for item in window:
+        result = item.failure if item.prepared is None else by_index[item.index]
+        assert result is not None
+        rows.append(ScoreRow(item.key, item.uid, item.url, result))
+    return rows
+
+
+def available_cpus() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def _model_threads(scorer: Any, config: ScoringConfig) -> Iterator[None]:
+    """On CPU, run the model with the cores the decode workers leave free (restored afterwards)."""
+    device = getattr(scorer, "device", None)
+    if device is not None and torch.device(device).type != "cpu":
+        yield
+        return
+    wanted = config.torch_threads or max(1, available_cpus() - config.num_workers)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _progress_bar(desc: str, enabled: bool) -> Any:
+    return tqdm(desc=desc, unit="sample", disable=not (enabled and sys.stderr.isatty()), leave=False)
+
+
+def _build_manifest(
+    tar_path: Path, tar_fp: str, key: ManifestKey, canon: dict[str, Any], meta: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "format_version": MANIFEST_FORMAT_VERSION,
+        "tar": {
+            "path": str(tar_path),
+            "name": tar_path.name,
+            "bytes": tar_path.stat().st_size,
+            "fingerprint": tar_fp,
+        },
+        "model_fingerprint": key.model_fingerprint,
+        "config": canon,
+        "config_hash": key.config_hash,
+        "code_version": unifilter_core.__version__,
+        **meta,
+    }
+
+
+def _summary_from_manifest(tar_path: Path, table: Path, manifest_path: Path, pkey: str) -> TarScoreSummary:
+    manifest = read_manifest(manifest_path) or {}
+    counts = manifest.get("counts", {})
+    return TarScoreSummary(
+        tar_path,
+        table,
+        manifest_path,
+        pkey,
+        resumed=True,
+        rows=int(manifest.get("table", {}).get("rows", 0)),
+        by_status=dict(counts.get("status", {})),
+        by_reason=dict(counts.get("reason", {})),
+    )
+
+
+def score_tar(
+    tar_path: str | os.PathLike[str],
+    scorer: Any,
+    out_path: str | os.PathLike[str],
+    *,
+    kind: SampleKind | str,
+    source: str,
+    partition_key: str | None = None,
+    config: ScoringConfig | None = None,
+    progress: bool = True,
+    force: bool = False,
+    pool: DecodePool | None = None,
+) -> TarScoreSummary:
+    """Score every sample of one tar into ``out_path`` (a parquet score table) and its manifest sidecar.
+
+    Skips the work when ``out_path`` and its manifest exist and record the same tar fingerprint, model
+    fingerprint and config hash (unless ``force``). Otherwise the table is rebuilt in a temporary file and
+    replaces the old one only once complete.
+
+    Args:
+        tar_path: the input shard (``<NNNNNNNN>.tar``).
+        scorer: a loaded ``Scorer`` (its ``processor`` prepares samples, ``forward`` scores them).
+        out_path: the score table path, ``<out_dir>/<NNNNNNNN>.parquet``; the manifest goes next to it.
+        kind: ``caption`` or ``interleaved``.
+        source: the source name (``source`` column, partition key prefix).
+        partition_key: the partition key; derived from ``source`` and the tar name when None.
+        config: engine options (defaults when None).
+        progress: show a tqdm bar (only when stderr is a terminal).
+        force: rescore even when an up-to-date table exists.
+        pool: decode workers to reuse across tars (:func:`score_tars` passes one); None = a private pool when
+            ``config.num_workers`` > 0, in-process decoding otherwise.
+
+    Returns:
+        A :class:`TarScoreSummary`.
+
+    Raises:
+        ValueError: bad arguments (unknown kind, output path not ending in ``.parquet``, missing tar).
+        WorkerCrashed: a decode worker died; no table is written.
+    """
+    tar = Path(tar_path).resolve()
+    table = Path(out_path)
+    if not tar.is_file():
+        raise ValueError(f"tar {str(tar)!r} does not exist")
+    if table.suffix != ".parquet":
+        raise ValueError(f"out_path must end with .parquet, got {str(table)!r}")
+    kind = SampleKind(kind)
+    config = config or ScoringConfig()
+    pkey = partition_key or make_partition_key(source, tar)
+    manifest_path = manifest_path_for(table)
+    canon = canonical_config(kind, config, scorer)
+    tar_fp = tar_fingerprint(tar)
+    key = ManifestKey(tar_fp, str(scorer.model_fingerprint), config_hash(canon))
+    if not force and is_complete(table, key):
+        logger.info("%s is up to date (%s), skipping", table.name, pkey)
+        return _summary_from_manifest(tar, table, manifest_path, pkey)
+
+    table.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temp_files(table.parent, table.name.split(".")[0])
+    own_pool = pool is None and config.num_workers > 0
+    if own_pool:
+        pool = DecodePool(scorer.processor, config)
+    try:
+        return _score(
+            tar, table, manifest_path, scorer, kind, source, pkey, config, progress, pool, key, canon
+        )
+    finally:
+        if own_pool and pool is not None:
+            pool.close()
+
+
+def _score(
+    tar: Path,
+    table: Path,
+    manifest_path: Path,
+    scorer: Any,
+    kind: SampleKind,
+    source: str,
+    pkey: str,
+    config: ScoringConfig,
+    progress: bool,
+    pool: DecodePool | None,
+    key: ManifestKey,
+    canon: dict[str, Any],
+) -> TarScoreSummary:
+    started_at = datetime.now(timezone.utc)
+    start = time.perf_counter()
+    runner = BatchRunner(scorer)
+    counts = Counts()
+    if pool is not None:
+        items = pool.stream(tar, kind)
+    else:
+        items = iter_items(tar, kind, scorer.processor, config.reader_limits)
+    metadata = {"tar_fingerprint": key.tar_fingerprint, "config_hash": key.config_hash, "partition_key": pkey}
+    with (
+        ScoreTableWriter(
+            table,
+            source=source,
+            partition_key=pkey,
+            model_fingerprint=key.model_fingerprint,
+            metadata=metadata,
+            row_group_size=config.row_group_size,
+        ) as writer,
+        _progress_bar(tar.name, progress) as bar,
+        _model_threads(scorer, config),
+    ):
+        try:
+            for window in _windows(items, config):
+                rows = _score_window(window, runner, config)
+                writer.write(rows)
+                for row in rows:
+                    counts.add(row.result)
+                bar.update(len(rows))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()  # an abandoned worker stream restarts its workers
+        n_rows = writer.commit()
+    wall_s = time.perf_counter() - start
+    summary = TarScoreSummary(
+        tar,
+        table,
+        manifest_path,
+        pkey,
+        False,
+        n_rows,
+        counts.by_status,
+        counts.by_reason,
+        wall_s,
+        runner.model_s,
+    )
+    meta = {
+        "source": source,
+        "partition_key": pkey,
+        "kind": str(kind),
+        "table": {"path": table.name, "rows": n_rows, "bytes": table.stat().st_size},
+        "counts": {"status": counts.by_status, "reason": counts.by_reason},
+        "timings": {
+            "started_at": started_at.isoformat(),
+            "finished_at": datetime.now(timezone.utc).isoformat(),
+            "wall_s": round(wall_s, 3),
+            "model_s": round(runner.model_s, 3),
+            "samples_per_s": round(summary.samples_per_s, 2),
+            "batches": runner.batches,
+        },
+        "runtime": {
+            "dtype": scorer_dtype(scorer),
+            "batch_size": config.batch_size,
+            "num_workers": config.num_workers,
+        },
+    }
+    write_manifest(manifest_path, _build_manifest(tar, key.tar_fingerprint, key, canon, meta))
+    logger.info("%s", summary.describe())
+    return summary
+
+
+def score_tars(
+    tar_paths: Sequence[str | os.PathLike[str]],
+    scorer: Any,
+    out_dir: str | os.PathLike[str],
+    *,
+    kind: SampleKind | str,
+    source: str,
+    config: ScoringConfig | None = None,
+    progress: bool = True,
+    force: bool = False,
+) -> Iterable[TarScoreSummary]:
+    """Score many tars into ``<out_dir>/<stem>.parquet``, sharing one set of decode workers.
+
+    A generator: each summary is yielded as soon as its tar is done (the CLI prints them as they come).
+    Workers start only when a tar actually needs scoring.
+
+    Args:
+        tar_paths: the shards, in the order to score them.
+        scorer: a loaded ``Scorer``.
+        out_dir: the output folder (created when missing).
+        kind, source, config, progress, force: as in :func:`score_tar`.
+    """
+    config = config or ScoringConfig()
+    out = Path(out_dir)
+    pool = DecodePool(scorer.processor, config) if config.num_workers > 0 else None
+    try:
+        for tar_path in tar_paths:
+            table, _ = table_paths(out, tar_path)
+            yield score_tar(
+                tar_path,
+                scorer,
+                table,
+                kind=kind,
+                source=source,
+                config=config,
+                progress=progress,
+                force=force,
+                pool=pool,
+            )
+    finally:
+        if pool is not None:
+            pool.close()
