@@ -69,6 +69,11 @@ class ScorerOptions:
     max_length: int | None = None
     vision_tower: str | None = None
     attn_implementation: str = "sdpa"
+    packing: bool | str = False
+    packed_attention: str = "varlen"
+    vision_batch_size: int | None = None
+    compile_vision: str | None = None
+    pin_memory: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
@@ -97,10 +102,33 @@ class ScorerOptions:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
                 raise ValueError(f"{name} must be None or an int >= {low}, got {value!r}")
+        _check_gpu_options(self)
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+
+def _check_gpu_options(options: ScorerOptions) -> None:
+    """Validate the performance options (packing, vision batching/compilation, pinned memory)."""
+    from unifilter_core.modeling.packing import PACKED_ATTENTIONS
+
+    if options.packing not in (True, False, "auto"):
+        raise ValueError(f"packing must be True, False or 'auto', got {options.packing!r}")
+    if options.packed_attention.partition(":")[0] not in PACKED_ATTENTIONS:
+        raise ValueError(
+            f"packed_attention must be one of {PACKED_ATTENTIONS} (or 'varlen:<kernel>'), got {options.packed_attention!r}"
+        )
+    vbs = options.vision_batch_size
+    if vbs is not None and (not isinstance(vbs, int) or isinstance(vbs, bool) or vbs < 1):
+        raise ValueError(f"vision_batch_size must be None or an int >= 1, got {vbs!r}")
+    modes = (None, "none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    if options.compile_vision not in modes:
+        raise ValueError(f"compile_vision must be one of {modes}, got {options.compile_vision!r}")
+    if options.pin_memory not in (None, True, False):
+        raise ValueError(
+            f"pin_memory must be None (auto: on for CUDA), True or False, got {options.pin_memory!r}"
+        )
 
 
 def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
@@ -190,6 +218,23 @@ class Scorer:
         self.device = torch.device(options.device)
         self.pad_id = int(processor.tokenizer.pad_token_id)
         self._fingerprint: str | None = None
+        self._packing: bool | None = None  # resolved on first forward ("auto" probes the device's kernels)
+        pin = options.pin_memory
+        self._pin = (self.device.type == "cuda") if pin is None else bool(pin) and torch.cuda.is_available()
+
+    @property
+    def uses_packing(self) -> bool:
+        """Whether :meth:`forward` packs the batch into one row (``packing="auto"``: when a fast varlen attention
+        kernel works on this device, i.e. flash-attn or torch's varlen kernel on CUDA)."""
+        if self._packing is None:
+            if self.options.packing == "auto":
+                from unifilter_core.modeling.packing import fast_varlen_available
+
+                self._packing = fast_varlen_available(self.device)
+                logger.info("packing=auto -> %s on %s", self._packing, self.device)
+            else:
+                self._packing = bool(self.options.packing)
+        return self._packing
 
     @property
     def model_fingerprint(self) -> str:
@@ -210,8 +255,8 @@ class Scorer:
     def _collate(self, samples: Sequence[PreparedSample]) -> dict[str, torch.Tensor | None]:
         """Right-pad ids to ``[B, T]``, mask ``[B, T]`` from lengths, pixel values ``[N, 3, H, W]`` in order."""
         longest = max(len(s.input_ids) for s in samples)
-        input_ids = torch.full((len(samples), longest), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(samples), longest), dtype=torch.long)
+        input_ids = torch.full((len(samples), longest), self.pad_id, dtype=torch.long, pin_memory=self._pin)
+        attention_mask = torch.zeros((len(samples), longest), dtype=torch.long, pin_memory=self._pin)
         pixels = []
         for row, sample in enumerate(samples):
             n_sentinels = sum(1 for t in sample.input_ids if t == IMAGE_TOKEN_INDEX)
@@ -225,18 +270,47 @@ class Scorer:
             attention_mask[row, : len(sample.input_ids)] = 1
             if n_pixels:
                 pixels.append(sample.pixel_values)
-        pixel_values = torch.cat(pixels).to(self.device, self.options.torch_dtype) if pixels else None
+        pixel_values = None
+        if pixels:
+            n_rows = sum(int(p.shape[0]) for p in pixels)
+            host = torch.empty((n_rows, *pixels[0].shape[1:]), dtype=pixels[0].dtype, pin_memory=self._pin)
+            torch.cat(pixels, out=host)
+            pixel_values = host.to(self.device, non_blocking=self._pin).to(self.options.torch_dtype)
         return {
-            "input_ids": input_ids.to(self.device),
-            "attention_mask": attention_mask.to(self.device),
+            "input_ids": input_ids.to(self.device, non_blocking=self._pin),
+            "attention_mask": attention_mask.to(self.device, non_blocking=self._pin),
             "pixel_values": pixel_values,
         }
+
+    def forward_scores(self, samples: Sequence[PreparedSample]) -> torch.Tensor:
+        """Launch one batch and return its scores as a ``[B]`` float32 tensor on the model's device.
+
+        Does not wait for the device: call this for batch ``i + 1`` before reading batch ``i``'s scores
+        (``.tolist()``) and the host-side collation of the next batch overlaps the GPU's work on this one.
+
+        Raises:
+            ValueError: a sample's image sentinels, ``n_images`` and ``pixel_values`` rows disagree.
+        """
+        batch = self._collate(samples)
+        with torch.inference_mode():
+            if self.uses_packing:
+                from unifilter_core.modeling.packing import packed_forward
+
+                logits = packed_forward(
+                    self.model,
+                    **batch,
+                    attention=self.options.packed_attention,
+                    vision_batch_size=self.options.vision_batch_size,
+                )
+            else:
+                logits = self.model(**batch).logits
+            return self.model.scores_from_logits(logits.float()).float()
 
     def forward(self, samples: Sequence[PreparedSample]) -> list[float]:
         """Score prepared samples in one batch.
 
         Args:
-            samples: prepared samples (any lengths; padded here).
+            samples: prepared samples (any lengths; padded here, or packed with ``packing``).
 
         Returns:
             One python float per sample, in order (the regression output, or the expected level for classes).
@@ -246,11 +320,7 @@ class Scorer:
         """
         if not samples:
             return []
-        batch = self._collate(samples)
-        with torch.inference_mode():
-            out = self.model(**batch)
-            scores = self.model.scores_from_logits(out.logits.float())
-        return [float(x) for x in scores.float().cpu().tolist()]
+        return [float(x) for x in self.forward_scores(samples).cpu().tolist()]
 
     # ------------------------------------------------------------------------------------------------ scoring
     def score_prepared(self, items: Sequence[PreparedSample | SampleFailure]) -> list[ScoreResult]:
@@ -342,6 +412,11 @@ def load_scorer(
     max_length: int | None = None,
     vision_tower: str | None = None,
     attn_implementation: str = "sdpa",
+    packing: bool | str = False,
+    packed_attention: str = "varlen",
+    vision_batch_size: int | None = None,
+    compile_vision: str | None = None,
+    pin_memory: bool | None = None,
 ) -> Scorer:
     """Load a UniFilter checkpoint (released layout or our own saves) for scoring.
 
@@ -357,6 +432,15 @@ def load_scorer(
         max_length: spliced sequence limit; None uses the checkpoint's ``tokenizer_model_max_length``.
         vision_tower: a local SigLIP folder for checkpoints without tower weights.
         attn_implementation: transformers attention implementation (``"sdpa"``, ``"eager"``, ...).
+        packing: True runs the LLM padding-free (all sequences of a batch in one row, see
+            ``unifilter_core.modeling.packing``); ``"auto"`` packs only where a fast varlen attention kernel works
+            (CUDA with flash-attn or torch's varlen kernel). Scores equal the padded path to dtype tolerance.
+        packed_attention: attention for packed rows: ``"varlen"`` (kernel registry), ``"varlen:<kernel>"``,
+            ``"flash_attention_2"``, ``"sdpa"`` or ``"eager"`` (the last two are O(T^2) references).
+        vision_batch_size: images per vision-tower call (None = all images of a batch at once).
+        compile_vision: ``torch.compile`` mode for the vision tower (e.g. ``"default"``, ``"max-autotune"``);
+            None = not compiled (the CPU default).
+        pin_memory: pinned host buffers + non-blocking copies; None = on for CUDA devices.
 
     Raises:
         ValueError: an option is invalid or the checkpoint folder is not usable (raised before loading weights).
@@ -372,6 +456,11 @@ def load_scorer(
         max_length=max_length,
         vision_tower=vision_tower,
         attn_implementation=attn_implementation,
+        packing=packing,
+        packed_attention=packed_attention,
+        vision_batch_size=vision_batch_size,
+        compile_vision=compile_vision,
+        pin_memory=pin_memory,
     )
     folder = resolve_checkpoint(path)
 
@@ -396,5 +485,9 @@ def load_scorer(
         attn_implementation=attn_implementation,
     )
     model.to(options.device).eval()
+    if options.compile_vision not in (None, "none"):
+        from unifilter_core.modeling.packing import compile_vision_tower
+
+        compile_vision_tower(model, options.compile_vision)
     logger.info("loaded %s (%s, %s) with %s", folder, options.device, options.dtype, processing)
     return Scorer(model, UniFilterProcessor(tokenizer, processing), options, folder)
