@@ -137,6 +137,8 @@ class ScoringModelResource(dg.ConfigurableResource):
         default=None, description="pad | resize (default: the checkpoint's)"
     )
     num_gpus: int = Field(default=0, description="GPUs on this machine for run tags (0 = score on CPU)")
+    packing: str = Field(default="auto", description="off | on | auto: padding-free packed batches on GPU")
+    compile_vision: str | None = Field(default=None, description="torch.compile mode for the tower (GPU)")
 
     def resolve_checkpoint(self, root: Path) -> Path:
         """The explicit checkpoint, else the one ``stage2_classifier`` made active."""
@@ -175,7 +177,7 @@ class ScoringModelResource(dg.ConfigurableResource):
             self.dtype if self.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
         )
         key = (str(path), os.stat(path / "config.json").st_mtime_ns, device, dtype, self.batch_size,
-               self.image_aspect_ratio, self.vision_tower)  # fmt: skip
+               self.image_aspect_ratio, self.vision_tower, self.packing, self.compile_vision)  # fmt: skip
         with _SCORER_LOCK:
             if key not in _SCORER_CACHE:
                 _SCORER_CACHE.clear()
@@ -186,6 +188,8 @@ class ScoringModelResource(dg.ConfigurableResource):
                     batch_size=self.batch_size,
                     image_aspect_ratio=self.image_aspect_ratio,
                     vision_tower=self.vision_tower,
+                    packing={"off": False, "on": True}.get(self.packing, "auto"),
+                    compile_vision=self.compile_vision if device.startswith("cuda") else None,
                 )
             return _SCORER_CACHE[key]
 
@@ -195,11 +199,17 @@ class ScoringModelResource(dg.ConfigurableResource):
         return ScoringConfig(batch_size=self.batch_size, num_workers=self.num_workers)
 
 
-def default_resources(root: str | None = None) -> dict[str, Any]:
-    """The resources of the platform, rooted at ``root`` (default: UNIFILTER_HOME or ./.unifilter)."""
+def default_resources(root: str | None = None, world: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The resources of the platform, rooted at ``root`` (default: UNIFILTER_HOME or ./.unifilter).
+
+    Args:
+        root: the data root.
+        world: :class:`WorldSettings` fields (sizes of the embedded world), e.g. for a quick demo or tests.
+            Resources are built with them (``model_copy`` of a resource does not reach the run).
+    """
     root = root or default_root()
     return {
-        "home": UniFilterHome(root=root),
+        "home": UniFilterHome(root=root, world=WorldSettings(**(world or {}))),
         "claude": ClaudeResource(),
         "duckdb": DuckDBResource(database=str(paths.catalog_path(Path(root)))),
         "scoring_model": ScoringModelResource(),

@@ -77,6 +77,22 @@ def _add_flags(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--max-batch-tokens", type=int, default=None, help="padded-token budget per model call")
     p.add_argument("--force", action="store_true", help="rescore even when a table is up to date")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--vision-tower", default=None, help="local SigLIP folder (checkpoints without tower weights)"
+    )
+    p.add_argument(
+        "--packing",
+        choices=("off", "on", "auto"),
+        default="auto",
+        help="padding-free packed batches (auto: only where a fast varlen attention kernel passes its check)",
+    )
+    p.add_argument(
+        "--compile-vision",
+        default=None,
+        metavar="MODE",
+        help="torch.compile the vision tower with this mode (e.g. max-autotune-no-cudagraphs); GPU only",
+    )
+    p.add_argument("--vision-batch-size", type=int, default=None, help="images per vision-tower call")
 
 
 def resolve_device(device: str, gpu_id: int) -> str:
@@ -113,6 +129,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise CLIError(f"--num-workers must be >= 0, got {args.num_workers}")
     if args.max_batch_tokens is not None and args.max_batch_tokens < 1:
         raise CLIError(f"--max-batch-tokens must be >= 1, got {args.max_batch_tokens}")
+    if args.vision_batch_size is not None and args.vision_batch_size < 1:
+        raise CLIError(f"--vision-batch-size must be >= 1, got {args.vision_batch_size}")
 
 
 def _plan(args: argparse.Namespace) -> tuple[list[Path], Path, str]:
@@ -150,7 +168,17 @@ def _load(args: argparse.Namespace, device: str, dtype: str) -> Any:
     from unifilter_core.scorer import load_scorer
 
     try:
-        return load_scorer(args.model_path, device=device, dtype=dtype, batch_size=args.batch_size)
+        packing = {"off": False, "on": True, "auto": "auto"}[args.packing]
+        return load_scorer(
+            args.model_path,
+            device=device,
+            dtype=dtype,
+            batch_size=args.batch_size,
+            vision_tower=args.vision_tower,
+            packing=packing,
+            compile_vision=args.compile_vision if device != "cpu" else None,
+            vision_batch_size=args.vision_batch_size,
+        )
     except (ValueError, OSError, KeyError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CLIError(f"cannot load checkpoint {args.model_path!r}: {first}") from None

@@ -136,6 +136,8 @@ def canonical_config(kind: SampleKind | str, config: ScoringConfig, scorer: Any)
         "table_version": SCORE_TABLE_VERSION,
         "kind": str(SampleKind(kind)),
         "dtype": scorer_dtype(scorer),
+        # packed and padded batches agree to 1e-5 in fp32 but only to ~1e-3 in bf16
+        "packing": bool(getattr(scorer, "uses_packing", False)),
         "processing": _as_dict(scorer.processor.config),
         "reader_limits": _as_dict(config.reader_limits),
     }
