@@ -1,0 +1,409 @@
+"""Training data: LLaVA-Pretrain JSON (stage 1) and UniFilter training JSON (stage 2) -> padded batches.
+
+Records are tokenized once when a dataset is built (the same id layout the scorer uses: ``[BOS, ...text with
+IMAGE_TOKEN_INDEX at each <image>..., EOS]``, captions cut to ``caption_max_tokens`` keeping EOS). Images are
+decoded and preprocessed by :class:`~unifilter_core.processing.UniFilterProcessor` on first use and optionally
+cached (the world's small images fit in memory; released-scale data is read lazily). A record that cannot be used
+(bad JSON fields, a missing or undecodable image, too many images or tokens) becomes a :class:`SampleFailure` in
+``dataset.failures``: counted, logged and written to the run's report, never fatal.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from unifilter_core.processing import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, UniFilterProcessor, decode_image
+from unifilter_core.records import Reason, SampleFailure
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # label value the token loss skips
+
+
+@dataclass(slots=True)
+class Entry:
+    """One usable training record.
+
+    Attributes:
+        input_ids: ids with ``IMAGE_TOKEN_INDEX`` sentinels, BOS first, EOS last.
+        images: image paths (absolute) in sentinel order.
+        label: quality level (stage 2) or 0 (stage 1, unused).
+    """
+
+    input_ids: list[int]
+    images: tuple[str, ...]
+    label: int = 0
+
+
+def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read a JSON list (or JSON Lines) of records.
+
+    Raises:
+        ValueError: the file is missing or does not hold a list of objects.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"training data {file} does not exist")
+    text = file.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = [json.loads(line) for line in text.splitlines() if line.strip()]
+    if not isinstance(data, list):
+        raise ValueError(f"{file} must hold a JSON list of records (or JSON Lines)")
+    return data
+
+
+def build_ids(
+    processor: UniFilterProcessor, text: str, n_images: int, caption_max_tokens: int | None
+) -> tuple[list[int], bool]:
+    """``[BOS, *tokens(text) with sentinels at <image>, EOS]``, cut to the processor's limits keeping EOS.
+
+    One-image texts are cut to ``caption_max_tokens`` ids like the scorer's captions; every text is then cut so
+    its spliced length fits ``max_length`` without splitting an image.
+
+    Returns:
+        (ids, truncated)
+    """
+    ids = [processor.bos_id, *processor.tokenize_with_images(text), processor.eos_id]
+    truncated = False
+    if n_images == 1 and caption_max_tokens is not None and len(ids) > caption_max_tokens:
+        ids, truncated = ids[: caption_max_tokens - 1] + [processor.eos_id], True
+    budget = processor.config.max_length - 2
+    body, used = [], 0
+    for token in ids[1:-1]:
+        used += processor.config.num_image_tokens if token == IMAGE_TOKEN_INDEX else 1
+        if used > budget:
+            truncated = True
+            break
+        body.append(token)
+    return [ids[0], *body, ids[-1]], truncated
+
+
+def _as_paths(value: Any) -> list[str] | None:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    return None
+
+
+class ImageStore:
+    """Loads an image file and preprocesses it with the processor; optionally keeps the tensor.
+
+    Args:
+        processor: provides ``preprocess_image`` (``[3, H, W]`` float32).
+        cache: keep every preprocessed tensor in memory (small images only).
+    """
+
+    def __init__(self, processor: UniFilterProcessor, cache: bool) -> None:
+        self.processor = processor
+        self.cache = cache
+        self._tensors: dict[str, torch.Tensor] = {}
+
+    def load(self, path: str) -> torch.Tensor | SampleFailure:
+        """The ``[3, H, W]`` tensor of ``path``, or a failure (missing / undecodable image)."""
+        hit = self._tensors.get(path)
+        if hit is not None:
+            return hit
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            return SampleFailure(Reason.MISSING_IMAGE, detail=f"{path}: {exc}")
+        image = decode_image(data)
+        if isinstance(image, SampleFailure):
+            image.detail = f"{path}: {image.detail}"
+            return image
+        tensor = self.processor.preprocess_image(image)
+        if self.cache:
+            self._tensors[path] = tensor
+        return tensor
+
+
+class RecordDataset(Dataset):
+    """Base of both stages' datasets: entries, failures and image loading.
+
+    Args:
+        processor: tokenizer + image preprocessing (the checkpoint's).
+        cache_images: keep preprocessed images in memory and check every image when the dataset is built.
+    """
+
+    def __init__(self, processor: UniFilterProcessor, cache_images: bool) -> None:
+        self.processor = processor
+        self.images = ImageStore(processor, cache_images)
+        self.entries: list[Entry] = []
+        self.failures: list[tuple[int, SampleFailure]] = []
+        self.n_truncated = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def _add(self, index: int, entry: Entry | SampleFailure) -> None:
+        if isinstance(entry, SampleFailure):
+            self.failures.append((index, entry))
+            return
+        if self.images.cache:
+            for path in entry.images:
+                loaded = self.images.load(path)
+                if isinstance(loaded, SampleFailure):
+                    self.failures.append((index, loaded))
+                    return
+        self.entries.append(entry)
+
+    def lengths(self) -> list[int]:
+        """Spliced sequence length of every entry (for length-grouped batching)."""
+        return [self.processor.spliced_length(e.input_ids) for e in self.entries]
+
+    def _finish(self, source: str) -> None:
+        if self.failures:
+            counts = Counter(f.reason.value for _, f in self.failures)
+            logger.warning("%s: %d record(s) not usable: %s", source, len(self.failures), dict(counts))
+        if not self.entries:
+            raise ValueError(f"{source} has no usable record (failures: {self.failure_summary()})")
+        logger.info("%s: %d records (%d truncated)", source, len(self.entries), self.n_truncated)
+
+    def failure_summary(self) -> dict[str, Any]:
+        """Counts by reason and the first few failures (for the run's report)."""
+        counts = Counter(f.reason.value for _, f in self.failures)
+        examples = [{"index": i, "reason": f.reason.value, "detail": f.detail} for i, f in self.failures[:20]]
+        return {
+            "n_records": len(self.entries) + len(self.failures),
+            "n_failed": len(self.failures),
+            "by_reason": dict(counts),
+            "examples": examples,
+        }
+
+    def _pixels(self, paths: tuple[str, ...]) -> torch.Tensor | None:
+        tensors = []
+        for path in paths:
+            loaded = self.images.load(path)
+            if isinstance(loaded, SampleFailure):
+                logger.warning("image failed while training, sample skipped: %s", loaded.detail)
+                return None
+            tensors.append(loaded)
+        return torch.stack(tensors) if tensors else torch.empty(0)
+
+
+def _image_folder(data_path: str | os.PathLike[str], image_folder: str | os.PathLike[str] | None) -> Path:
+    """The folder image paths are relative to: ``image_folder``, else ``images/`` next to the JSON when it exists
+    (the layout of the world and of LLaVA-Pretrain), else the JSON's folder."""
+    if image_folder:
+        return Path(image_folder)
+    parent = Path(data_path).parent
+    return parent / "images" if (parent / "images").is_dir() else parent
+
+
+class CaptionPretrainDataset(RecordDataset):
+    """LLaVA-Pretrain records (``{"id", "image", "conversations": [human, gpt]}``) for next-token training.
+
+    Each record becomes ``[BOS, IMAGE, tokens("\\n" + caption)..., EOS]`` (the scorer's caption layout); the token
+    labels are the ids with ``IGNORE_INDEX`` on BOS and the image sentinel (see :func:`token_labels`).
+    """
+
+    def __init__(
+        self,
+        processor: UniFilterProcessor,
+        data_path: str | os.PathLike[str],
+        image_folder: str | os.PathLike[str] | None = None,
+        *,
+        caption_max_tokens: int | None = None,
+        cache_images: bool = False,
+    ) -> None:
+        super().__init__(processor, cache_images)
+        folder = _image_folder(data_path, image_folder)
+        for i, record in enumerate(read_records(data_path)):
+            self._add(i, self._entry(record, folder, caption_max_tokens))
+        self._finish(str(data_path))
+
+    def _entry(self, record: Any, folder: Path, cap: int | None) -> Entry | SampleFailure:
+        try:
+            image = record["image"]
+            turns = record["conversations"]
+            caption = next(t["value"] for t in turns if t.get("from") == "gpt")
+        except (KeyError, TypeError, StopIteration):
+            return SampleFailure(Reason.INVALID_FIELDS, detail="need image and conversations with a gpt turn")
+        if not isinstance(image, str) or not isinstance(caption, str):
+            return SampleFailure(Reason.INVALID_FIELDS, detail="image and caption must be strings")
+        text = IMAGE_TOKEN + "\n" + caption.replace(IMAGE_TOKEN, "image")
+        ids, truncated = build_ids(self.processor, text, 1, cap)
+        self.n_truncated += truncated
+        return Entry(ids, (str(folder / image),))
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        entry = self.entries[index]
+        pixels = self._pixels(entry.images)
+        if pixels is None:
+            return None
+        return {
+            "input_ids": entry.input_ids,
+            "pixel_values": pixels,
+            "token_labels": token_labels(entry.input_ids),
+        }
+
+
+def token_labels(input_ids: list[int]) -> list[int]:
+    """Next-token targets of a caption sequence: the ids, with ``IGNORE_INDEX`` on BOS and image sentinels."""
+    return [IGNORE_INDEX if (i == 0 or t == IMAGE_TOKEN_INDEX) else t for i, t in enumerate(input_ids)]
+
+
+class QualityDataset(RecordDataset):
+    """UniFilter training records (``{"image": path | [paths], "text": "...<image>...", "label": 0..3}``).
+
+    Args:
+        processor: the checkpoint's processor.
+        data_path: the JSON file.
+        image_folder: folder the image paths are relative to (default: the JSON's folder).
+        caption_max_tokens / max_images / max_text_tokens: the scorer's limits.
+        num_levels: labels must be integers in ``0..num_levels-1``.
+        swap_negative_fraction: share of top-level samples served with another sample's image(s) and
+            ``swap_negative_label`` (training only; fresh draw on each access).
+        cache_images: see :class:`RecordDataset`.
+        seed: seed of the swap draws.
+    """
+
+    def __init__(
+        self,
+        processor: UniFilterProcessor,
+        data_path: str | os.PathLike[str],
+        image_folder: str | os.PathLike[str] | None = None,
+        *,
+        caption_max_tokens: int | None = 75,
+        max_images: int | None = 10,
+        max_text_tokens: int | None = 6000,
+        num_levels: int = 4,
+        swap_negative_fraction: float = 0.0,
+        swap_negative_label: int = 1,
+        cache_images: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(processor, cache_images)
+        folder = _image_folder(data_path, image_folder)
+        self.num_levels = num_levels
+        self.limits = (caption_max_tokens, max_images, max_text_tokens)
+        for i, record in enumerate(read_records(data_path)):
+            self._add(i, self._entry(record, folder))
+        self._finish(str(data_path))
+        self.swap_fraction = swap_negative_fraction
+        self.swap_label = swap_negative_label
+        self._rng = random.Random(seed)
+        self._by_count: dict[int, list[int]] = {}
+        for i, entry in enumerate(self.entries):
+            self._by_count.setdefault(len(entry.images), []).append(i)
+
+    def _entry(self, record: Any, folder: Path) -> Entry | SampleFailure:
+        cap, max_images, max_text = self.limits
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            return SampleFailure(Reason.INVALID_FIELDS, detail="record needs a string 'text'")
+        label = record.get("label")
+        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < self.num_levels:
+            return SampleFailure(
+                Reason.INVALID_FIELDS, detail=f"label {label!r} is not an int in 0..{self.num_levels - 1}"
+            )
+        paths = _as_paths(record.get("image"))
+        if paths is None:
+            return SampleFailure(Reason.INVALID_FIELDS, detail="'image' must be a path or a list of paths")
+        text = record["text"]
+        if text.count(IMAGE_TOKEN) != len(paths):
+            return SampleFailure(
+                Reason.IMAGE_COUNT_MISMATCH,
+                detail=f"{text.count(IMAGE_TOKEN)} <image> markers, {len(paths)} images",
+            )
+        if max_images is not None and len(paths) > max_images:
+            return SampleFailure(
+                Reason.TOO_MANY_IMAGES, detail=f"{len(paths)} images > {max_images}", n_images=len(paths)
+            )
+        ids, truncated = build_ids(self.processor, text, len(paths), cap)
+        if max_text is not None and len(paths) != 1 and len(ids) > max_text:
+            return SampleFailure(
+                Reason.TOO_MANY_TOKENS, detail=f"{len(ids)} ids > {max_text}", n_images=len(paths)
+            )
+        kept = sum(1 for t in ids if t == IMAGE_TOKEN_INDEX)
+        self.n_truncated += truncated
+        return Entry(ids, tuple(str(folder / p) for p in paths[:kept]), label)
+
+    def labels(self) -> list[int]:
+        """Labels of the usable records, in order."""
+        return [e.label for e in self.entries]
+
+    def _swap(self, index: int, entry: Entry) -> tuple[tuple[str, ...], int]:
+        if self.swap_fraction <= 0 or entry.label != self.num_levels - 1 or not entry.images:
+            return entry.images, entry.label
+        if self._rng.random() >= self.swap_fraction:
+            return entry.images, entry.label
+        pool = self._by_count.get(len(entry.images), [])
+        for _ in range(8):
+            other = self.entries[self._rng.choice(pool)]
+            if other.images != entry.images:
+                return other.images, self.swap_label
+        return entry.images, entry.label
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        entry = self.entries[index]
+        images, label = self._swap(index, entry)
+        pixels = self._pixels(images)
+        if pixels is None:
+            return None
+        return {"input_ids": entry.input_ids, "pixel_values": pixels, "labels": label}
+
+
+@dataclass
+class Collator:
+    """Right-pads a list of items into a batch.
+
+    Output: ``input_ids`` [B, T] long (pad id), ``attention_mask`` [B, T] (from lengths), ``pixel_values``
+    [N_images, 3, H, W] in sentinel order row by row, and ``labels`` [B] (float for a 1-output head, long for
+    classes) and/or ``token_labels`` [B, T] (IGNORE_INDEX on padding).
+
+    Args:
+        pad_token_id: id used for padding (never read: the mask comes from lengths).
+        float_labels: labels as float32 (regression) instead of long (classes).
+    """
+
+    pad_token_id: int
+    float_labels: bool = True
+
+    def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, torch.Tensor]:
+        items = [it for it in items if it is not None]
+        if not items:
+            raise ValueError("every sample of a batch failed to load; see the warnings above")
+        length = max(len(it["input_ids"]) for it in items)
+        ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(items), length), dtype=torch.long)
+        for row, it in enumerate(items):
+            n = len(it["input_ids"])
+            ids[row, :n] = torch.tensor(it["input_ids"], dtype=torch.long)
+            mask[row, :n] = 1
+        pixels = [it["pixel_values"] for it in items if it["pixel_values"].numel()]
+        batch: dict[str, torch.Tensor] = {"input_ids": ids, "attention_mask": mask}
+        if pixels:
+            batch["pixel_values"] = torch.cat(pixels)
+        if "labels" in items[0]:
+            dtype = torch.float32 if self.float_labels else torch.long
+            batch["labels"] = torch.tensor([it["labels"] for it in items], dtype=dtype)
+        if "token_labels" in items[0]:
+            tl = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
+            for row, it in enumerate(items):
+                tl[row, : len(it["token_labels"])] = torch.tensor(it["token_labels"], dtype=torch.long)
+            batch["token_labels"] = tl
+        return batch
+
+
+def load_pil(path: str | os.PathLike[str]) -> Image.Image | SampleFailure:
+    """Decode one image file (for callers outside the datasets)."""
+    try:
+        return decode_image(Path(path).read_bytes())
+    except OSError as exc:
+        return SampleFailure(Reason.MISSING_IMAGE, detail=f"{path}: {exc}")
