@@ -76,8 +76,10 @@ def check_sources(sources: Sequence[SourceSpec]) -> dict[str, SourceSpec]:
 def discover_tar_records(root: Path, sources: Sequence[SourceSpec]) -> list[TarRecord]:
     """Every ``<NNNNNNNN>.tar`` under the sources, as catalog records (sorted by partition key).
 
-    A missing source folder contributes nothing (logged). Two tars that map to the same partition key
-    (``42.tar`` and ``00000042.tar``) raise ValueError: the key must name one tar.
+    A missing default folder (``<root>/sources/<name>``) contributes nothing (logged); a folder given explicitly
+    (``spec.path``) that does not exist raises ValueError, since that is a typo, not "no tars yet". Two tars
+    that map to the same partition key (``42.tar`` and ``00000042.tar``) raise ValueError: the key must name
+    one tar.
     """
     from unifilter_core.scoring.discovery import discover_tars
 
@@ -85,6 +87,10 @@ def discover_tar_records(root: Path, sources: Sequence[SourceSpec]) -> list[TarR
     for spec in check_sources(sources).values():
         folder = spec.directory(root)
         if not folder.is_dir():
+            if spec.path:
+                raise ValueError(
+                    f"source {spec.name!r}: configured folder {folder} does not exist (check its `path`)"
+                )
             logger.warning("source %s: folder %s does not exist (no tars)", spec.name, folder)
             continue
         for tar in discover_tars(folder):
@@ -186,6 +192,22 @@ def choose_thresholds(
 
     write_manifest_json(root / THRESHOLDS_FILE, json.loads(json.dumps(doc, default=str)))
     return rows
+
+
+def score_quantiles_by_source(catalog: Catalog, points: int = 201) -> dict[str, list[float]]:
+    """``points`` evenly spaced quantiles (0..1) of each source's ok scores, computed by DuckDB.
+
+    A compact stand-in for millions of scores when drawing a CDF (``unifilter_core.plots.threshold_cdf_png``).
+    Sources without an ok score are absent.
+    """
+    if points < 2:
+        raise ValueError(f"points must be >= 2, got {points}")
+    levels = ", ".join(repr(i / (points - 1)) for i in range(points))
+    _, rows = catalog.query(
+        f"SELECT source, quantile_cont(score, [{levels}]) FROM scores "
+        "WHERE status = 'ok' AND isfinite(score) GROUP BY source ORDER BY source"
+    )
+    return {str(source): [float(v) for v in values] for source, values in rows if values}
 
 
 def read_thresholds(root: Path) -> dict[str, dict[str, Any]]:

@@ -169,9 +169,9 @@ class ScoringModelResource(dg.ConfigurableResource):
 
     def load(self, root: Path, gpu_tag: str | None = None) -> Any:
         """A cached ``Scorer`` for this process (one per checkpoint/device/options)."""
-        from unifilter_core.scorer import load_scorer
+        from unifilter_core.scorer import load_scorer, resolve_checkpoint
 
-        path = self.resolve_checkpoint(root)
+        path = resolve_checkpoint(self.resolve_checkpoint(root))  # a clear error for a wrong folder
         device = self.resolve_device(gpu_tag)
         dtype = (
             self.dtype if self.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")

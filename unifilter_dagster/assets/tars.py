@@ -13,8 +13,9 @@ from unifilter_core.pipeline import (
     filter_partition,
     resolve_partition,
     score_partition,
+    score_quantiles_by_source,
 )
-from unifilter_dagster.assets._meta import CODE_VERSION, md_table, record, scalar_metadata, timed
+from unifilter_dagster.assets._meta import CODE_VERSION, image_md, md_table, record, scalar_metadata, timed
 from unifilter_dagster.assets.training import stage2_classifier
 from unifilter_dagster.partitions import GPU_TAG, TARS_PARTITIONS_NAME, tars_partitions
 from unifilter_dagster.resources import ScoringModelResource, UniFilterHome
@@ -71,6 +72,19 @@ def tar_manifest(
     )
 
 
+def _score_plots(partition_key: str, stats: dict) -> dict[str, dg.MetadataValue]:
+    """The score histogram (with rows by status) and the status / reason count tables of one tar."""
+    from unifilter_core.plots import counts_markdown, score_histogram_png
+
+    by_status = {"ok": stats["n_ok"], "skipped": stats["n_skipped"], "error": stats["n_error"]}
+    png = score_histogram_png(stats["histogram"], stats["hist_edges"], by_status, title=partition_key)
+    return {
+        "score_histogram": image_md(png, f"score histogram of {partition_key}"),
+        "status_counts": dg.MetadataValue.md(counts_markdown(by_status)),
+        "reason_counts": dg.MetadataValue.md(counts_markdown(stats.get("reasons") or {}, key="reason")),
+    }
+
+
 def _score_checks(summary: object, table: str, tar_rows: int) -> list[dg.AssetCheckResult]:
     import pyarrow.parquet as pq
 
@@ -117,12 +131,12 @@ def scores(
 
     root = home.root_path
     spec, tar = resolve_partition(root, home.source_specs(), context.partition_key)
+    # bad options fail here, before the model or the catalog is opened
+    config = scoring_model.scoring_config()
     scorer = scoring_model.load(root, context.run.tags.get(GPU_TAG))
     catalog = home.catalog(duckdb)
     with timed() as timing:
-        result = score_partition(
-            root, spec, tar, context.partition_key, scorer, scoring_model.scoring_config(), catalog=catalog
-        )
+        result = score_partition(root, spec, tar, context.partition_key, scorer, config, catalog=catalog)
     summary, stats = result["summary"], result["stats"]
     from unifilter_core.scoring import read_manifest
 
@@ -141,6 +155,7 @@ def scores(
             "model_fingerprint": scorer.model_fingerprint,
             "reasons": dg.MetadataValue.json(summary.by_reason),
             **scalar_metadata(stat_view),
+            **_score_plots(context.partition_key, stats),
         },
         check_results=_score_checks(summary, result["table"], tar_rows),
     )
@@ -168,9 +183,17 @@ def quality_threshold(
          "kept_share": round(r.kept_share, 4)}
         for r in rows
     ]  # fmt: skip
+    from unifilter_core.plots import threshold_cdf_png
+
+    cdf = threshold_cdf_png(
+        score_quantiles_by_source(catalog),
+        {r.source: r.threshold for r in rows},
+        {r.source: r.kept_share for r in rows},
+    )
     return dg.MaterializeResult(
         metadata={
             "thresholds": md_table(table),
+            "score_cdf": image_md(cdf, "score CDF per source with the threshold"),
             "kept": sum(r.kept for r in rows),
             "total": sum(r.total for r in rows),
             "by_source": dg.MetadataValue.json({r.source: r.to_dict() for r in rows}),
