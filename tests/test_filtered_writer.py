@@ -139,3 +139,22 @@ def test_manifest_json_is_atomic_and_strict(tmp_path: Path) -> None:
         write_manifest_json(path, {"nan": float("nan")})
     assert json.loads(path.read_text(encoding="utf-8"))["b"] == 1  # the earlier manifest survives
     assert _leftovers(path.parent) == []
+
+
+def test_stale_temp_files_of_a_killed_writer_are_removed(tmp_path):
+    import os
+    import time
+
+    from unifilter_core.data.writer import remove_stale_temp_files
+
+    out = tmp_path / "00000001.tar"
+    old = tmp_path / ".00000001.tar.abc123.tmp"
+    fresh = tmp_path / ".00000001.tar.def456.tmp"
+    other = tmp_path / ".00000002.tar.abc123.tmp"
+    for p in (old, fresh, other):
+        p.write_bytes(b"partial")
+    hour_ago = time.time() - 3600
+    os.utime(old, (hour_ago, hour_ago))
+    os.utime(other, (hour_ago, hour_ago))
+    assert remove_stale_temp_files(out) == 1
+    assert not old.exists() and fresh.exists() and other.exists()

@@ -8,12 +8,14 @@ new one, never a partial file under the final name (at worst a ``.<name>.*.tmp``
 from __future__ import annotations
 
 import contextlib
+import glob
 import io
 import json
 import logging
 import os
 import tarfile
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -77,6 +79,31 @@ def _check_destination(out_path: str | os.PathLike[str]) -> Path:
     return out
 
 
+STALE_TEMP_SECONDS = 600.0
+
+
+def remove_stale_temp_files(
+    out_path: str | os.PathLike[str], older_than_s: float = STALE_TEMP_SECONDS
+) -> int:
+    """Delete ``.<name>.*.tmp`` files a killed writer of ``out_path`` left behind.
+
+    Only temporaries untouched for ``older_than_s`` seconds are removed, so a writer still running (its file's
+    mtime moves as it writes) is never disturbed. Returns how many were removed.
+    """
+    out = Path(out_path)
+    if not out.parent.is_dir():
+        return 0
+    removed = 0
+    cutoff = time.time() - older_than_s
+    for tmp in out.parent.glob(f".{glob.escape(out.name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if tmp.is_file() and tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+                removed += 1
+                logger.info("removed stale temporary file %s", tmp)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_output(out_path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     """Open a temporary file next to ``out_path``; on success fsync it and rename it to ``out_path``.
@@ -89,6 +116,7 @@ def atomic_output(out_path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     """
     out = _check_destination(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out)
     tmp: Path | None = None
     try:
         with tempfile.NamedTemporaryFile(
