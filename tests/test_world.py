@@ -23,6 +23,7 @@ from unifilter_core.synth.levels import (
     make_caption,
     make_document,
     mentions_facts,
+    perturb_scene,
     sample_style,
 )
 from unifilter_core.synth.scenes import (
@@ -174,6 +175,21 @@ def test_level1_style_matched_captions_contradict_two_facts() -> None:
             assert len(text.claimed.objects) <= 3
             if variant == "perturbed":
                 assert len(text.claimed.objects) >= len(scene.objects)  # counts only go up
+                # the colour of one object always changes (visible after the tower's pooling)
+                assert [o.colour for o in text.claimed.objects[: len(scene.objects)]] != [
+                    o.colour for o in scene.objects
+                ]
+
+
+def test_always_perturb_is_configurable_and_checked() -> None:
+    scene = Scene((SceneObject("circle", "red", "small", "center"),), Background("white", "plain"))
+    for seed in range(50):
+        claimed = perturb_scene(
+            scene, random.Random(seed), 2, {"shape": 1.0, "colour": 1.0}, 3, ("background",)
+        )
+        assert claimed.background != scene.background
+    with pytest.raises(ValueError, match="always_perturb"):
+        LevelConfig(always_perturb=("mood",))
 
 
 def test_level2_is_accurate_but_loose_and_level0_states_no_fact() -> None:

@@ -1,7 +1,10 @@
 """Automation: the scoring job, the new-tar sensor and the stale-partition backfill schedule."""
 
+from datetime import datetime, timezone
+
 import dagster as dg
 from dagster_duckdb import DuckDBResource
+from dagster_shared.check import CheckError
 
 from unifilter_core.pipeline import discover_tar_records
 from unifilter_dagster.assets.tars import filtered_dataset, scores
@@ -81,9 +84,13 @@ def stale_scores_schedule(
     stale = [k for k in home.catalog(duckdb).stale_partitions(fingerprint) if k in registered]
     if not stale:
         return dg.SkipReason("every registered partition is scored by the current model")
-    tick = (
-        context.scheduled_execution_time.strftime("%Y%m%dT%H%M")
-        if context.scheduled_execution_time
-        else "now"
-    )
-    return [_run_request(k, scoring_model.num_gpus, f"stale-{tick}") for k in stale]
+    return [_run_request(k, scoring_model.num_gpus, f"stale-{_tick_label(context)}") for k in stale]
+
+
+def _tick_label(context: dg.ScheduleEvaluationContext) -> str:
+    """The tick's scheduled time as ``YYYYmmddTHHMM`` (now, for a context built outside a tick)."""
+    try:
+        when = context.scheduled_execution_time
+    except CheckError:  # build_schedule_context() without a time: tests, manual evaluation
+        when = None
+    return (when or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M")

@@ -78,13 +78,12 @@ def run_demo(
     """
     from unifilter_core.evaluation import filtering_quality
     from unifilter_core.pipeline import read_thresholds
-    from unifilter_dagster.resources import WorldSettings, default_resources
+    from unifilter_dagster.resources import default_resources
 
     root = root.resolve()
     root.mkdir(parents=True, exist_ok=True)
     prepare_dagster_home(root)
-    resources = default_resources(str(root))
-    resources["home"] = resources["home"].model_copy(update={"world": WorldSettings(**(world or {}))})
+    resources = default_resources(str(root), world=world)
     times: dict[str, float] = {}
     with dg.DagsterInstance.get() as instance:
         start = time.perf_counter()

@@ -57,6 +57,8 @@ class LevelConfig:
     perturb_weights: dict[str, float] = _default(
         {"colour": 0.35, "shape": 0.25, "position": 0.15, "size": 0.1, "count": 0.1, "background": 0.05}
     )
+    # facts every level-1 perturbation changes first (colour survives the tower's pooling: easy to see)
+    always_perturb: tuple[str, ...] = ("colour",)
     min_wrong_facts: int = 2  # a level-1 caption contradicts the image in at least this many facts
     extra_fact_prob: float = 0.3  # chance of one more wrong fact than the minimum
 
@@ -68,6 +70,11 @@ class LevelConfig:
             "doc_level1_mix": {"mismatch", "noise"},
             "perturb_weights": set(_PERTURBABLE),
         }
+        self.always_perturb = tuple(self.always_perturb)
+        if set(self.always_perturb) - set(_PERTURBABLE):
+            raise ValueError(
+                f"always_perturb must hold facts among {_PERTURBABLE}, got {self.always_perturb}"
+            )
         for name, keys in known.items():
             mix = getattr(self, name)
             if set(mix) - keys or any(v < 0 for v in mix.values()) or sum(mix.values()) <= 0:
@@ -146,23 +153,33 @@ def _background_phrase(bg: Background) -> str:
 
 
 def perturb_scene(
-    scene: Scene, rng: random.Random, n_facts: int, weights: dict[str, float], max_objects: int
+    scene: Scene,
+    rng: random.Random,
+    n_facts: int,
+    weights: dict[str, float],
+    max_objects: int,
+    always: tuple[str, ...] = (),
 ) -> Scene:
     """Change ``n_facts`` distinct facts of ``scene`` (counts only go up, never beyond ``max_objects``).
 
-    The result is a plausible scene (distinct cells, at most ``max_objects`` objects), so its full caption reads
-    like any level-3 caption.
+    The facts named in ``always`` are changed first (one each), the rest are drawn by ``weights``. The result is
+    a plausible scene (distinct cells, at most ``max_objects`` objects), so its full caption reads like any
+    level-3 caption.
     """
     objects = list(scene.objects)
     background = scene.background
     changed: set[tuple[int, str]] = set()
-    for _ in range(n_facts):
-        options = {
-            k: w for k, w in weights.items() if w > 0 and _can_change(k, objects, changed, max_objects)
-        }
-        if not options:
-            break
-        kind = _pick(rng, options)
+    for step in range(n_facts):
+        forced = always[step] if step < len(always) else None
+        if forced is not None and _can_change(forced, objects, changed, max_objects):
+            kind = forced
+        else:
+            options = {
+                k: w for k, w in weights.items() if w > 0 and _can_change(k, objects, changed, max_objects)
+            }
+            if not options:
+                break
+            kind = _pick(rng, options)
         if kind == "background":
             background = _change_background(background, rng)
             changed.add((-1, kind))
@@ -260,7 +277,9 @@ def wrong_scene(
     n_facts = config.min_wrong_facts + int(rng.random() < config.extra_fact_prob)
     for _ in range(50):
         if variant == "perturbed":
-            claimed = perturb_scene(scene, rng, n_facts, config.perturb_weights, max_objects)
+            claimed = perturb_scene(
+                scene, rng, n_facts, config.perturb_weights, max_objects, config.always_perturb
+            )
         elif variant == "other_scene":
             claimed = sample_scene(rng, max_objects)
         else:

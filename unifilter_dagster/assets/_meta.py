@@ -76,3 +76,10 @@ def scalar_metadata(values: Mapping[str, Any]) -> dict[str, Any]:
         elif isinstance(value, Mapping | list):
             out[key] = dg.MetadataValue.json(value)  # type: ignore[arg-type]
     return out
+
+
+def image_md(png: bytes, alt: str) -> dg.MetadataValue:
+    """A PNG shown inline in the Dagster UI (markdown with a ``data:image/png`` URI)."""
+    from unifilter_core.plots import png_markdown
+
+    return dg.MetadataValue.md(png_markdown(png, alt))

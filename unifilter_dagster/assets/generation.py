@@ -92,6 +92,7 @@ def llava_pretrain_subset(
             summary = prepare_llava_subset(
                 config.json_path, config.images, out, subset_size=config.subset_size, seed=config.seed
             )
+            summary["records_read"] = summary.pop("records")
             rows = summary["kept"]
         else:
             from unifilter_core.synth import write_llava_pretrain
@@ -101,5 +102,5 @@ def llava_pretrain_subset(
             rows = int(summary.get("records", 0))
     record(home.catalog(duckdb), context, timing, rows=rows)
     return dg.MaterializeResult(
-        metadata={"path": dg.MetadataValue.path(str(out)), "records": rows, **scalar_metadata(summary)}
+        metadata={**scalar_metadata(summary), "path": dg.MetadataValue.path(str(out)), "records": rows}
     )

@@ -1,6 +1,7 @@
 """Tar-level assets: discovery (partition registration), per-tar scores, the threshold, the filtered tars."""
 
 import math
+from typing import Any
 
 import dagster as dg
 from dagster_duckdb import DuckDBResource
@@ -72,7 +73,7 @@ def tar_manifest(
     )
 
 
-def _score_plots(partition_key: str, stats: dict) -> dict[str, dg.MetadataValue]:
+def _score_plots(partition_key: str, stats: dict[str, Any]) -> dict[str, dg.MetadataValue]:
     """The score histogram (with rows by status) and the status / reason count tables of one tar."""
     from unifilter_core.plots import counts_markdown, score_histogram_png
 

@@ -9,7 +9,7 @@ from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
 from unifilter_core import paths
-from unifilter_dagster.assets._meta import CODE_VERSION, record, scalar_metadata, timed
+from unifilter_dagster.assets._meta import CODE_VERSION, image_md, record, scalar_metadata, timed
 from unifilter_dagster.assets.generation import (
     llava_pretrain_subset,
     synthetic_caption_pairs,
@@ -119,6 +119,21 @@ def _train(root: Path, config: Stage2Settings) -> tuple[Path, dict[str, Any]]:
     return out, json.loads((out / "metrics.json").read_text())
 
 
+def _classifier_plots(metrics: dict[str, Any]) -> dict[str, dg.MetadataValue]:
+    """Training curve, confusion matrix and per-level accuracy of a stage-2 ``metrics.json``."""
+    from unifilter_core.plots import classifier_metrics_markdown, confusion_matrix_png, training_curves_png
+
+    curve = training_curves_png(metrics.get("history") or [], metrics.get("training_curve") or [])
+    out = {
+        "training_curve": image_md(curve, "training curve"),
+        "per_level_accuracy": dg.MetadataValue.md(classifier_metrics_markdown(metrics)),
+    }
+    matrix = (metrics.get("best") or {}).get("confusion_matrix")
+    if matrix:
+        out["confusion_matrix"] = image_md(confusion_matrix_png(matrix), "confusion matrix")
+    return out
+
+
 @dg.asset(
     group_name="models",
     code_version=CODE_VERSION,
@@ -169,6 +184,7 @@ def stage2_classifier(
             "seconds": timing["seconds"],
             **scalar_metadata(scalars),
             "history": dg.MetadataValue.json(metrics.get("history", [])),
+            **_classifier_plots(metrics),
         },
         check_results=[check],
     )
