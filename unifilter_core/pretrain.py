@@ -18,6 +18,8 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from unifilter_core.data.writer import atomic_write_bytes
+
 logger = logging.getLogger(__name__)
 
 PRETRAIN_JSON = "blip_laion_cc_sbu_558k.json"
@@ -155,12 +157,8 @@ def prepare_llava_subset(
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, json.dumps(obj, ensure_ascii=False).encode("utf-8"))
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode("utf-8"))

@@ -38,6 +38,21 @@ SCORE_COLUMNS: dict[str, str] = {
     "model_fingerprint": "VARCHAR",
 }
 
+# lineage keeps the latest materialization per (asset, partition); lineage_history every one
+_LINEAGE_COLUMNS = """
+    asset_key VARCHAR NOT NULL,
+    partition_key VARCHAR,
+    run_id VARCHAR NOT NULL,
+    code_version VARCHAR,
+    model_fingerprint VARCHAR,
+    input_fingerprint VARCHAR,
+    row_count BIGINT,
+    started_at TIMESTAMP,
+    finished_at TIMESTAMP,
+    status VARCHAR NOT NULL,
+    recorded_at TIMESTAMP NOT NULL
+"""
+
 _TABLES = """
 CREATE TABLE IF NOT EXISTS schema_version (
     version INTEGER NOT NULL,
@@ -54,32 +69,8 @@ CREATE TABLE IF NOT EXISTS tars (
     registered_at TIMESTAMP NOT NULL,
     updated_at TIMESTAMP NOT NULL
 );
-CREATE TABLE IF NOT EXISTS lineage (
-    asset_key VARCHAR NOT NULL,
-    partition_key VARCHAR,
-    run_id VARCHAR NOT NULL,
-    code_version VARCHAR,
-    model_fingerprint VARCHAR,
-    input_fingerprint VARCHAR,
-    row_count BIGINT,
-    started_at TIMESTAMP,
-    finished_at TIMESTAMP,
-    status VARCHAR NOT NULL,
-    recorded_at TIMESTAMP NOT NULL
-);
-CREATE TABLE IF NOT EXISTS lineage_history (
-    asset_key VARCHAR NOT NULL,
-    partition_key VARCHAR,
-    run_id VARCHAR NOT NULL,
-    code_version VARCHAR,
-    model_fingerprint VARCHAR,
-    input_fingerprint VARCHAR,
-    row_count BIGINT,
-    started_at TIMESTAMP,
-    finished_at TIMESTAMP,
-    status VARCHAR NOT NULL,
-    recorded_at TIMESTAMP NOT NULL
-);
+CREATE TABLE IF NOT EXISTS lineage ({lineage_columns});
+CREATE TABLE IF NOT EXISTS lineage_history ({lineage_columns});
 CREATE TABLE IF NOT EXISTS score_stats (
     partition_key VARCHAR PRIMARY KEY,
     source VARCHAR,
@@ -245,7 +236,7 @@ def migrate(conn: duckdb.DuckDBPyConnection, root: Path) -> int:
             f"catalog schema version {found} is newer than this unifilter ({SCHEMA_VERSION}); upgrade unifilter"
         )
     if found < SCHEMA_VERSION:
-        for statement in _TABLES.split(";"):
+        for statement in _TABLES.format(lineage_columns=_LINEAGE_COLUMNS).split(";"):
             if statement.strip():
                 conn.execute(statement)
         conn.execute("INSERT INTO schema_version VALUES (?, ?)", [SCHEMA_VERSION, utcnow()])

@@ -22,6 +22,7 @@ from unifilter_core.data.tars import IMAGE_EXTS, RawSample, is_unsafe_member_nam
 from unifilter_core.data.writer import (
     FilteredTarSummary,
     atomic_output,
+    atomic_write_bytes,
     write_filtered_tar,
     write_manifest_json,
 )
@@ -76,6 +77,7 @@ __all__ = [
     "SampleKind",
     "TarStat",
     "atomic_output",
+    "atomic_write_bytes",
     "decode_caption",
     "decode_document",
     "decode_image",

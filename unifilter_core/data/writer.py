@@ -135,6 +135,13 @@ def atomic_output(out_path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     _fsync_dir(out.parent)
 
 
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
+    with atomic_output(path) as handle:
+        handle.write(data)
+    return Path(path)
+
+
 def write_manifest_json(path: str | os.PathLike[str], data: dict[str, Any]) -> Path:
     """Write ``data`` as indented, key-sorted JSON, atomically.
 
@@ -142,9 +149,7 @@ def write_manifest_json(path: str | os.PathLike[str], data: dict[str, Any]) -> P
         TypeError / ValueError: when ``data`` is not JSON-serialisable (or holds NaN); nothing is written then.
     """
     text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False, ensure_ascii=False) + "\n"
-    with atomic_output(path) as handle:
-        handle.write(text.encode("utf-8"))
-    return Path(path)
+    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _tarinfo(name: str, size: int, mtime: int) -> tarfile.TarInfo:

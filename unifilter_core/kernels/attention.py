@@ -106,10 +106,11 @@ def varlen_attention_block_mask(
 
 # ------------------------------------------------------------------------------------------------ torch varlen
 @functools.lru_cache(maxsize=1)
-def _torch_varlen_fn() -> Any:
+def _torch_varlen_fn() -> tuple[Any, frozenset[str]]:
+    """The kernel and its parameter names (its signature differs between torch 2.10 and 2.11+)."""
     from torch.nn.attention.varlen import varlen_attn
 
-    return varlen_attn
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
 def varlen_attention_torch(
@@ -125,8 +126,7 @@ def varlen_attention_torch(
     """``torch.nn.attention.varlen.varlen_attn`` (flash kernel); adapts to its 2.10 / 2.11+ signatures."""
     if q.dtype not in _HALF:
         return varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, scale=scale, causal=causal)
-    fn = _torch_varlen_fn()
-    params = inspect.signature(fn).parameters
+    fn, params = _torch_varlen_fn()
     kwargs: dict[str, Any] = {"scale": scale} if "scale" in params else {}
     if "window_size" in params:
         kwargs["window_size"] = (-1, 0) if causal else (-1, -1)

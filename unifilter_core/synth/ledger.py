@@ -25,6 +25,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from unifilter_core.data.writer import atomic_write_bytes
+
 logger = logging.getLogger(__name__)
 
 STATUSES = ("submitted", "succeeded", "invalid", "failed", "expired", "budget_stopped")
@@ -303,14 +305,3 @@ def write_training_json(
         "results": used,
         "missing_images": missing,
     }
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, fsync, rename into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)

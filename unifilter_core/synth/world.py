@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from unifilter_core import paths
+from unifilter_core.data.writer import atomic_write_bytes
 from unifilter_core.synth.levels import LEVELS, LevelConfig, make_caption, make_document, sample_style
 from unifilter_core.synth.scenes import Scene, encode_jpeg, render_scene, sample_scene
 
@@ -156,14 +157,6 @@ def dealt_levels(n: int, weights: tuple[float, ...]) -> list[int]:
                 out.append(level)
                 left[level] -= 1
     return out
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def dump_records(records: list[dict[str, Any]]) -> bytes:

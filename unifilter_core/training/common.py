@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from unifilter_core.data.writer import atomic_write_bytes
 from unifilter_core.training.config import TrainConfig, config_to_dict, resolve_deepspeed_config
 
 logger = logging.getLogger(__name__)
@@ -167,10 +168,7 @@ def copy_tokenizer(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
     """Write JSON to a temporary name in the destination folder, then rename."""
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, target)
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
 
 
 def write_run_config(config: TrainConfig, out: Path, stage: str) -> None:
