@@ -30,6 +30,7 @@ from unifilter_core.modeling import (
     scores_from_logits,
 )
 from unifilter_core.modeling import vision_tower as vision_tower_module
+from unifilter_core.synth import WorldConfig
 
 VISION = "model.vision_tower.vision_tower.vision_model."
 PRESETS = {"llava_qwen": "tiny", "llava_qwen3": "tiny-qwen3"}
@@ -645,7 +646,9 @@ def test_presets_build_valid_configs(name: str) -> None:
 
 def test_world_preset_shapes() -> None:
     config = UniFilterConfig(**load_preset("world"))
-    assert (config.vision_config.image_size, config.num_patches, config.num_image_tokens) == (64, 64, 16)
+    # one 21 px patch, and one image vector, per cell of the world's 3 x 3 grid (63 px images)
+    assert (config.vision_config.image_size, config.num_patches, config.num_image_tokens) == (63, 9, 9)
+    assert WorldConfig().image_size == config.vision_config.image_size
     assert (config.text_config.hidden_size, config.text_config.num_hidden_layers) == (128, 3)
     assert config.tokenizer_model_max_length == 512
 

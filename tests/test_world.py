@@ -278,7 +278,7 @@ def test_llava_pretrain_schema(world: Path) -> None:
         human, gpt = r["conversations"]
         assert human["from"] == "human" and human["value"].startswith("<image>\n")
         assert gpt["from"] == "gpt" and _colours(gpt["value"])
-        assert Image.open(folder / "images" / r["image"]).size == (64, 64)
+        assert Image.open(folder / "images" / r["image"]).size == (63, 63)  # WorldConfig.image_size
 
 
 def test_training_json_records(world: Path) -> None:

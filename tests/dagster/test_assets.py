@@ -68,7 +68,11 @@ def test_training_assets_ran_and_report_plots(template: World) -> None:
         ]
         (accuracy_check,) = [c for c in checks if c.check_name == "validation_accuracy_floor"]
         assert accuracy_check.passed  # floor 0.0 in the template
-        assert instance.get_latest_materialization_event(dg.AssetKey("stage1_projector")) is not None
+        stage1 = instance.get_latest_materialization_event(dg.AssetKey("stage1_projector"))
+        stage1_meta = {k: v.value for k, v in stage1.asset_materialization.metadata.items()}
+        # the world tower was pre-trained on world scenes before stage 1 (training/vision.py)
+        assert stage1_meta["tower_colour_accuracy"] > 0.9, stage1_meta
+        assert (template.root / "models" / "init" / "vision_pretrain.json").is_file()
     lineage = rows(template, "SELECT asset_key, model_fingerprint FROM lineage ORDER BY asset_key")
     assert ("stage2_classifier", active["fingerprint"]) in lineage
     assert {"stage1_projector", "tar_manifest", "llava_pretrain_subset"} <= {a for a, _ in lineage}

@@ -18,8 +18,10 @@ from unifilter_dagster.resources import ScoringModelResource
 
 
 def sensor_tick(instance: Any, resources: dict[str, Any]) -> dg.SensorResult | dg.SkipReason:
-    context = dg.build_sensor_context(instance=instance, resources=resources)
-    result = new_tars_sensor(context)
+    # as a context manager: its resources (and their Dagster context variables) are released here, not whenever
+    # the garbage collector gets to it (a late release once broke a later test's materialize)
+    with dg.build_sensor_context(instance=instance, resources=resources) as context:
+        result = new_tars_sensor(context)
     if isinstance(result, dg.SensorResult):
         # what the daemon does with the tick's partition requests
         for request in result.dynamic_partitions_requests or []:
@@ -30,8 +32,10 @@ def sensor_tick(instance: Any, resources: dict[str, Any]) -> dg.SensorResult | d
 def schedule_tick(
     instance: Any, resources: dict[str, Any], when: datetime | None = None
 ) -> list[dg.RunRequest] | dg.SkipReason:
-    context = dg.build_schedule_context(instance=instance, resources=resources, scheduled_execution_time=when)
-    return stale_scores_schedule(context)
+    with dg.build_schedule_context(
+        instance=instance, resources=resources, scheduled_execution_time=when
+    ) as context:
+        return stale_scores_schedule(context)
 
 
 def test_sensor_registers_and_requests_only_new_tars(world: World) -> None:

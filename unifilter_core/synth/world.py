@@ -50,7 +50,8 @@ class WorldConfig:
     seed: int = 0
     val_seed: int | None = None  # validation splits are drawn from this seed (default: seed + 1)
     # scenes and images
-    image_size: int = 64  # the "world" model preset uses 64 px images, patch 8
+    # 63 px = the 3 x 3 grid of 21 px cells; the "world" model preset's tower has 21 px patches, one per cell
+    image_size: int = 63
     max_objects: int = 3  # 1..max_objects objects per scene
     duplicate_prob: float = 0.3  # chance an object repeats an earlier one's look (counts in captions)
     supersample: int = 2  # anti-aliasing factor of the renderer

@@ -21,6 +21,7 @@ from unifilter_core.processing import IMAGE_TOKEN
 from unifilter_core.training.common import write_json_atomic
 from unifilter_core.training.config import Stage1Config, Stage2Config, load_config
 from unifilter_core.training.data import _image_folder, read_records
+from unifilter_core.training.vision import VisionPretrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -42,19 +43,49 @@ def world_texts(root: Path) -> Iterator[str]:
                 yield record["text"].replace(IMAGE_TOKEN, "")
 
 
+def world_config_of(root: str | os.PathLike[str]) -> Any:
+    """The ``WorldConfig`` the world under ``root`` was written with (``world/world.json``), else the default."""
+    from unifilter_core.synth.world import WorldConfig, read_world_manifest
+
+    manifest = read_world_manifest(root)
+    return WorldConfig.from_dict(manifest["config"]) if manifest and "config" in manifest else WorldConfig()
+
+
 def prepare_world_init(root: str | os.PathLike[str], *, vocab_size: int = 1024, seed: int = 0, preset: str = "world",
-                       overrides: dict[str, Any] | None = None) -> Path:  # fmt: skip
-    """Train the world's BPE tokenizer and write a random-init checkpoint with it (``models/init``).
+                       overrides: dict[str, Any] | None = None, world: Any = None,
+                       vision: VisionPretrainConfig | bool = True) -> Path:  # fmt: skip
+    """Train the world's BPE tokenizer, write a random-init checkpoint with it and pre-train its vision tower on
+    the world's scenes (``models/init``; :mod:`unifilter_core.training.vision` says why).
+
+    Args:
+        root: the data root holding the world.
+        vocab_size / seed / preset / overrides: the tokenizer size and the ``init_checkpoint`` arguments.
+        world: the ``WorldConfig`` whose scenes pre-train the tower (default: the one under ``root``).
+        vision: ``True`` (default sizes), a :class:`VisionPretrainConfig`, or ``False`` to keep the random tower.
 
     Returns:
-        The init checkpoint folder.
+        The init checkpoint folder (with ``vision_pretrain.json`` when the tower was pre-trained).
     """
     from unifilter_core.modeling import init_checkpoint
     from unifilter_core.tokenization import train_bpe_tokenizer
 
     models = models_dir(Path(root))
     tok = train_bpe_tokenizer(world_texts(Path(root)), models / "tokenizer", vocab_size=vocab_size)
-    return Path(init_checkpoint(preset, models / "init", tokenizer_dir=tok, seed=seed, overrides=overrides))
+    init = Path(init_checkpoint(preset, models / "init", tokenizer_dir=tok, seed=seed, overrides=overrides))
+    if vision is False:
+        return init
+    from unifilter_core.modeling import UniFilterForQualityScoring
+    from unifilter_core.processing import ProcessingConfig, UniFilterProcessor
+    from unifilter_core.tokenization import load_tokenizer
+    from unifilter_core.training.vision import pretrain_world_tower
+
+    model = UniFilterForQualityScoring.from_pretrained(init)
+    processor = UniFilterProcessor(load_tokenizer(init), ProcessingConfig.from_model_config(model.config))
+    vision_config = vision if isinstance(vision, VisionPretrainConfig) else VisionPretrainConfig(seed=seed)
+    result = pretrain_world_tower(model, processor, world or world_config_of(root), vision_config)
+    model.save_pretrained(init)
+    write_json_atomic(init / "vision_pretrain.json", result)
+    return init
 
 
 def merge_pairs(root: Path, split: str, kinds: tuple[str, ...], out: Path) -> Path:
@@ -121,6 +152,7 @@ def train_world_classifier(
     kinds: tuple[str, ...] = KINDS,
     run_stage1: bool = True,
     seed: int = 0,
+    init_overrides: dict[str, Any] | None = None,
 ) -> Path:
     """Tokenizer -> init -> stage 1 -> stage 2 on a world written under ``root`` (``synth.write_world``).
 
@@ -133,7 +165,7 @@ def train_world_classifier(
     root = Path(root)
     times: dict[str, float] = {}
     start = time.perf_counter()
-    init = prepare_world_init(root, seed=seed)
+    init = prepare_world_init(root, seed=seed, overrides=init_overrides)
     times["init"] = time.perf_counter() - start
     model_path = str(init)
     if run_stage1:

@@ -52,7 +52,7 @@ def stage1_projector(
     overrides = _overrides(config.overrides)
     with timed() as timing:
         if config.preset == "world" and config.model_path is None:
-            base = prepare_world_init(root, seed=home.world.seed)
+            base = prepare_world_init(root, seed=home.world.seed)  # tower pre-trained on the world under root
             stage1 = world_stage1_config(root, overrides=overrides, model_path=str(base))
         else:
             defaults = {
@@ -72,8 +72,19 @@ def stage1_projector(
             "preset": config.preset,
             "seconds": timing["seconds"],
             **scalar_metadata({k: v for k, v in metrics.items() if k != "data"}),
+            **_tower_metadata(Path(stage1.model_path)),
         }
     )
+
+
+def _tower_metadata(model_path: Path) -> dict[str, Any]:
+    """Held-out accuracies of the world tower's pre-training (``vision_pretrain.json``), when the base has one."""
+    report = model_path / "vision_pretrain.json"
+    if not report.is_file():
+        return {}
+    data = json.loads(report.read_text())
+    accuracy = {f"tower_{k}_accuracy": round(v, 4) for k, v in data["held_out_accuracy"].items()}
+    return {**accuracy, "tower_pretrain_seconds": round(data["wall_seconds"], 1)}
 
 
 class Stage2Settings(dg.Config):
