@@ -1,4 +1,4 @@
-"""The embedded world's training pipeline: tokenizer -> random init -> stage 1 -> stage 2.
+"""The embedded world's training pipeline: tokenizer -> random init + tower pre-training -> stage 1 -> stage 2.
 
 The Dagster assets call the pieces separately (:func:`prepare_world_init`, then ``train_stage1`` with
 :func:`world_stage1_config`, then ``train_stage2`` with :func:`world_stage2_config`);
