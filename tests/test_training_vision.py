@@ -133,3 +133,26 @@ def test_default_size_follows_the_world() -> None:
     scenes = [sample_scene(random.Random(i)) for i in range(3)]
     assert scene_targets(scenes)["occupant"].shape == (3, 9)
     assert VisionPretrainConfig().images is None  # None: the world's pretrain_images, at least MIN_IMAGES
+
+
+def test_world_stage2_config_merges_pairs_safely_under_concurrency(tmp_path: Path) -> None:
+    """Two trainings on one data root merge the pairs at once: both get a complete, identical merged file."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from unifilter_core.synth import write_world
+    from unifilter_core.training.world import merge_pairs, world_stage2_config
+
+    write_world(tmp_path, SMALL_WORLD)
+    out = tmp_path / "models" / "stage2_data" / "train.json"
+    with ThreadPoolExecutor(8) as pool:
+        paths = list(
+            pool.map(lambda _: merge_pairs(tmp_path, "train", ("caption", "interleaved"), out), range(32))
+        )
+    assert set(paths) == {out}
+    merged = json.loads(out.read_text())
+    kinds = {r["kind"] for r in merged}
+    assert kinds == {"caption", "interleaved"} and all(Path(r["image"] if isinstance(r["image"], str)
+                                                        else r["image"][0]).is_absolute() for r in merged)  # fmt: skip
+    assert not list(out.parent.glob(".*.tmp"))  # no temporary left behind
+    config = world_stage2_config(tmp_path)
+    assert config.data_path == str(out) and Path(config.eval_data_path).is_file()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import zipfile
 from pathlib import Path
@@ -275,8 +274,8 @@ def test_synthetic_pairs_from_claude_never_leak_the_key(
     for i in range(6):
         Image.new("RGB", (24, 16), (30 * i, 120, 60)).save(folder / f"img{i}.png")
     claude = ClaudeResource(backend="claude", source_type="images", source_path=str(folder), mode="messages")
-    # the core refuses to mix Claude pairs into a folder of world pairs: start from no synthetic pairs
-    shutil.rmtree(world.root / "synthetic")
+    # the template's world pairs are in synthetic/<kind>: the Claude run moves them to synthetic/<kind>.world
+    world_caption = sorted(p.name for p in (world.root / "synthetic" / "caption").iterdir())
     result = materialize(
         world,
         instance,
@@ -285,6 +284,10 @@ def test_synthetic_pairs_from_claude_never_leak_the_key(
     )
     caption = metadata_of(result, "synthetic_caption_pairs")
     assert caption["backend"] == "claude" and caption["records"] == 6 * 4
+    aside = world.root / "synthetic" / "caption.world"
+    assert caption["world_pairs_moved_to"] == str(aside)
+    assert sorted(p.name for p in aside.iterdir()) == world_caption  # kept, not deleted
+    assert (world.root / "synthetic" / "caption" / "ledger.jsonl").is_file()
     assert metadata_of(result, "synthetic_interleaved_pairs")["records"] > 0
     assert len(fake_claude.received("POST", "/v1/messages")) == 6 + 2
     ledger = rows(world, "SELECT kind, count(*) FROM generation_ledger GROUP BY kind ORDER BY kind")

@@ -75,10 +75,19 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or synthetic_dir(root, args.kind)
     spec = parse_source(args.source, args.image_folder)
     backend = args.backend or ("world" if spec.type == "world" else "claude")
-    if backend == "world":
-        summary = _run_world(args, spec, out)
-    else:
-        summary = _run_claude(args, spec, out, root)
+    from unifilter_core.synth.pairs_folder import PairsFolderConflict, move_world_pairs_aside
+
+    try:
+        if backend == "world":
+            summary = _run_world(args, spec, out)
+        else:
+            # the default folder may hold the demo's world pairs: keep them as synthetic/<kind>.world
+            moved = move_world_pairs_aside(out) if args.out is None else None
+            summary = _run_claude(args, spec, out, root)
+            if moved is not None:
+                summary["world_pairs_moved_to"] = str(moved)
+    except PairsFolderConflict as exc:
+        raise CLIError(str(exc)) from exc
     print(json.dumps(summary, indent=1, sort_keys=True))
     return 0
 

@@ -27,13 +27,14 @@ from typing import Any
 from unifilter_core import paths
 from unifilter_core.data.writer import atomic_write_bytes
 from unifilter_core.synth.levels import LEVELS, LevelConfig, make_caption, make_document, sample_style
+from unifilter_core.synth.pairs_folder import WORLD_MARKER, refuse_claude_folder
 from unifilter_core.synth.scenes import Scene, encode_jpeg, render_scene, sample_scene
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 PRETRAIN_JSON = "blip_laion_cc_sbu_558k.json"
-PAIRS_MARKER = "world_pairs.json"  # written next to train.json: these pairs came from the world generator
+PAIRS_MARKER = WORLD_MARKER  # written next to train.json: these pairs came from the world generator
 _PRETRAIN_PROMPTS = (
     "Describe the image concisely.",
     "Give a brief description of the image.",
@@ -281,6 +282,7 @@ def write_synthetic_pairs(kind: str, out_dir: str | os.PathLike[str], config: Wo
     if kind not in ("caption", "interleaved"):
         raise ValueError(f"kind must be 'caption' or 'interleaved', got {kind!r}")
     out = Path(out_dir)
+    refuse_claude_folder(out)  # never write over paid-for pairs (synth.pairs_folder)
     start = time.perf_counter()
     images_dir = _fresh_dir(out / "images")
     build = caption_records if kind == "caption" else document_records

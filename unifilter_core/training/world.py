@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from unifilter_core.data.writer import atomic_write_bytes
 from unifilter_core.paths import models_dir, pretrain_dir, synthetic_dir
 from unifilter_core.processing import IMAGE_TOKEN
 from unifilter_core.training.common import write_json_atomic
@@ -105,11 +106,8 @@ def merge_pairs(root: Path, split: str, kinds: tuple[str, ...], out: Path) -> Pa
             merged.append(record)
     if not merged:
         raise ValueError(f"no synthetic {split} pairs under {root / 'synthetic'} for kinds {kinds}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(merged), encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    # a unique temporary name per writer: two trainings on one data root may merge at the same moment
+    return atomic_write_bytes(out, json.dumps(merged).encode("utf-8"))
 
 
 def world_stage1_config(root: str | os.PathLike[str], *, preset: str = "world", overrides: dict[str, Any] | None = None,

@@ -26,11 +26,17 @@ def _generate_pairs(
             summary = write_synthetic_pairs(kind, out, home.world.to_world_config())
         else:
             from unifilter_core.synth.claude import SourceSpec, load_items, run_claude_generation
+            from unifilter_core.synth.pairs_folder import move_world_pairs_aside
 
             spec = SourceSpec(claude.source_type, Path(claude.source_path) if claude.source_path else None)
             items, skipped = load_items(kind, spec, limit=claude.limit, data_root=root)
+            moved = move_world_pairs_aside(out)  # e.g. the demo's world pairs: kept in synthetic/<kind>.world
+            if moved is not None:
+                context.log.info(f"world pairs moved from {out} to {moved}")
             summary = run_claude_generation(kind, items, out, claude.claude_config())
             summary["source_skipped"] = skipped
+            if moved is not None:
+                summary["world_pairs_moved_to"] = str(moved)
     catalog = home.catalog(duckdb)
     if claude.backend == "claude":
         catalog.ingest_ledger(out / "ledger.jsonl", kind=kind)
