@@ -94,3 +94,24 @@ def make_image() -> Callable[..., Image.Image]:
         return Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8), mode="RGB")
 
     return _make
+
+
+@pytest.fixture
+def api_key() -> str:
+    """A sentinel Anthropic key: tests assert it never reaches a file, a log or the catalog."""
+    import secrets
+
+    return "sk-ant-sentinel-" + secrets.token_hex(16)
+
+
+@pytest.fixture
+def fake(api_key: str, monkeypatch: pytest.MonkeyPatch):
+    """The local Messages / Message Batches server (tests/fake_anthropic.py), wired in through the environment."""
+    from tests.fake_anthropic import FakeAnthropic
+
+    server = FakeAnthropic(api_key)
+    url = server.start()
+    monkeypatch.setenv("ANTHROPIC_API_KEY", api_key)
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", url)
+    yield server
+    server.stop()

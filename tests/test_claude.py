@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -30,21 +29,6 @@ from unifilter_core.synth.claude import (
 from unifilter_core.synth.ledger import Ledger, LedgerEvent
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def api_key() -> str:
-    return "sk-ant-sentinel-" + secrets.token_hex(16)
-
-
-@pytest.fixture
-def fake(api_key: str, monkeypatch: pytest.MonkeyPatch):
-    server = FakeAnthropic(api_key)
-    url = server.start()
-    monkeypatch.setenv("ANTHROPIC_API_KEY", api_key)
-    monkeypatch.setenv("ANTHROPIC_BASE_URL", url)
-    yield server
-    server.stop()
 
 
 def fast(**kw) -> ClaudeConfig:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.fake_anthropic import FakeAnthropic
-from tests.test_claude import api_key, fake, make_images  # noqa: F401, F811 (fixtures)
+from tests.test_claude import make_images
 from unifilter_core.synth import WorldConfig
 from unifilter_core.synth.pairs_folder import (
     PairsFolderConflict,
@@ -72,7 +72,7 @@ def test_moving_aside_refuses_to_delete_anything_but_world_pairs(tmp_path: Path)
 
 def test_cli_claude_run_moves_the_default_folders_world_pairs(
     tmp_path: Path,
-    fake: FakeAnthropic,  # noqa: F811 (the fixture imported above)
+    fake: FakeAnthropic,
     capsys,
 ) -> None:
     from unifilter_core.cli import main

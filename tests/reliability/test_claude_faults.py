@@ -3,7 +3,6 @@ accounting after expiry and in batch mode. Real SDK, fake server (tests/fake_ant
 
 from __future__ import annotations
 
-import secrets
 import time
 from pathlib import Path
 
@@ -13,20 +12,6 @@ from tests.fake_anthropic import FakeAnthropic
 from tests.test_claude import assert_ledger_matches_bill, caption_items, fast
 from unifilter_core.synth.claude import estimate_cost, run_claude_generation
 from unifilter_core.synth.prompts import prepare_image
-
-
-@pytest.fixture
-def api_key() -> str:
-    return "sk-ant-sentinel-" + secrets.token_hex(16)
-
-
-@pytest.fixture
-def fake(api_key: str, monkeypatch: pytest.MonkeyPatch):
-    server = FakeAnthropic(api_key)
-    monkeypatch.setenv("ANTHROPIC_API_KEY", api_key)
-    monkeypatch.setenv("ANTHROPIC_BASE_URL", server.start())
-    yield server
-    server.stop()
 
 
 def _one_estimate(items, **kw) -> float:
