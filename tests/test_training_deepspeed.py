@@ -17,24 +17,7 @@ import pytest
 
 pytest.importorskip("deepspeed")
 
-WORDS = [
-    "a",
-    "red",
-    "cube",
-    "on",
-    "the",
-    "table",
-    "small",
-    "blue",
-    "sphere",
-    "green",
-    "cone",
-    "garden",
-    "kitchen",
-    "photo",
-    "of",
-    "large",
-]
+from tests.test_training import WORDS  # noqa: E402 (after the deepspeed skip)
 
 
 def _free_port() -> int:

@@ -251,21 +251,8 @@ def test_llava_pretrain_subset_from_a_real_format_download(
     assert meta["records"] == 3 and meta["valid"] == 4 and meta["records_read"] == 9
 
 
-@pytest.fixture
-def fake_claude(monkeypatch: pytest.MonkeyPatch) -> Any:
-    import secrets
-
-    key = "sk-ant-sentinel-" + secrets.token_hex(16)
-    server = FakeAnthropic(key)
-    url = server.start()
-    monkeypatch.setenv("ANTHROPIC_API_KEY", key)
-    monkeypatch.setenv("ANTHROPIC_BASE_URL", url)
-    yield server
-    server.stop()
-
-
 def test_synthetic_pairs_from_claude_never_leak_the_key(
-    world: World, instance: Any, tmp_path: Path, fake_claude: FakeAnthropic
+    world: World, instance: Any, tmp_path: Path, fake: FakeAnthropic
 ) -> None:
     from unifilter_dagster.resources import ClaudeResource
 
@@ -289,11 +276,11 @@ def test_synthetic_pairs_from_claude_never_leak_the_key(
     assert sorted(p.name for p in aside.iterdir()) == world_caption  # kept, not deleted
     assert (world.root / "synthetic" / "caption" / "ledger.jsonl").is_file()
     assert metadata_of(result, "synthetic_interleaved_pairs")["records"] > 0
-    assert len(fake_claude.received("POST", "/v1/messages")) == 6 + 2
+    assert len(fake.received("POST", "/v1/messages")) == 6 + 2
     ledger = rows(world, "SELECT kind, count(*) FROM generation_ledger GROUP BY kind ORDER BY kind")
     assert [k for k, _ in ledger] == ["caption", "interleaved"]
 
-    key = fake_claude.api_key
+    key = fake.api_key
     logs = instance.all_logs(result.run_id)
     assert len(logs) > 10
     assert not any(key in serialize_value(e) for e in logs)
