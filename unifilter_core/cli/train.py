@@ -54,9 +54,27 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CLIError(str(exc)) from exc
     train = train_stage1 if args.stage == "stage1" else train_stage2
-    out = train(config, resume=args.resume)  # type: ignore[arg-type]
+    try:
+        out = train(config, resume=args.resume)  # type: ignore[arg-type]
+    except BaseException:
+        _close_process_group(wait=False)  # another rank may be inside a collective: no barrier
+        raise
+    _close_process_group(wait=True)
     logger.info("%s finished: %s", args.stage, out)
     return 0
+
+
+def _close_process_group(*, wait: bool) -> None:
+    """Under torchrun / deepspeed: (after a barrier when ``wait``) tear the process group down before interpreter
+    exit; left to exit, gloo's threads can abort a rank ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            if wait:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":  # pragma: no cover - `torchrun -m unifilter_core.cli.train stage2 --config ...`
