@@ -239,3 +239,12 @@ class LengthGrouping:
             lengths=dataset.lengths(),
             generator=generator,
         )
+
+
+def loss_curve(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The Trainer's logged training points (epoch, step, loss, learning rate), for training curves."""
+    return [
+        {k: entry[k] for k in ("epoch", "step", "loss", "learning_rate") if k in entry}
+        for entry in log_history
+        if "loss" in entry
+    ]

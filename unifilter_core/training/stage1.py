@@ -30,6 +30,7 @@ from unifilter_core.training.common import (
     enable_gradient_checkpointing,
     is_main_process,
     load_model,
+    loss_curve,
     resume_target,
     setup_torch,
     training_arguments,
@@ -86,6 +87,8 @@ class CaptioningModel(nn.Module):
     def __init__(self, classifier: nn.Module) -> None:
         super().__init__()
         self.classifier = classifier
+        # what the Trainer's DeepSpeed integration reads to fill "auto" bucket sizes (``hidden_size``)
+        self.config = classifier.config
 
     def forward(
         self,
@@ -215,14 +218,14 @@ def train_stage1(
     result = trainer.train(resume_from_checkpoint=resume_target(config, resume))
     wall = time.perf_counter() - start
     if is_main_process():
-        _write_outputs(model, config, out, result, wall, dataset)
+        _write_outputs(model, config, out, result, wall, dataset, loss_curve(trainer.state.log_history))
     if trainer.args.world_size > 1:
         trainer.accelerator.wait_for_everyone()
     return out
 
 
 def _write_outputs(
-    model: Any, config: Stage1Config, out: Path, result: Any, wall: float, dataset: Any
+    model: Any, config: Stage1Config, out: Path, result: Any, wall: float, dataset: Any, curve: list[dict]
 ) -> None:
     save_projector(model, out)
     full = config.save_full_checkpoint or not (config.freeze_llm and config.freeze_vision_tower)
@@ -234,6 +237,7 @@ def _write_outputs(
         "global_steps": int(result.global_step),
         "wall_seconds": wall,
         "full_checkpoint": full,
+        "training_curve": curve,
         "data": dataset.failure_summary(),
     }
     write_json_atomic(out / "stage1_metrics.json", metrics)

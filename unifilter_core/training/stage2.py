@@ -28,6 +28,7 @@ from unifilter_core.training.common import (
     enable_gradient_checkpointing,
     is_main_process,
     load_model,
+    loss_curve,
     resume_target,
     save_classifier,
     setup_torch,
@@ -235,11 +236,7 @@ def _write_metrics(
 ) -> None:
     history = read_history(out)
     best = max(history, key=lambda r: r[config.metric]) if history else None
-    curve = [
-        {k: entry[k] for k in ("epoch", "step", "loss", "learning_rate") if k in entry}
-        for entry in trainer.state.log_history
-        if "loss" in entry
-    ]
+    curve = loss_curve(trainer.state.log_history)
     metrics = {
         "metric": config.metric,
         "best": best,
