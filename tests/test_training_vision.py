@@ -78,7 +78,7 @@ def test_pretraining_teaches_the_tower_objects_and_changes_nothing_else(world_in
     before = _state(model)
     held_out = world_scene_batch(SMALL_WORLD, 200, "vision-probe", processor)
     torch.manual_seed(0)
-    untrained = scene_accuracy(model.model.vision_tower, SceneHeads(64), held_out)
+    untrained = scene_accuracy(model, SceneHeads(64), held_out)
     config = VisionPretrainConfig(images=2000, eval_images=200, epochs=8, seed=3)
     result = pretrain_world_tower(model, processor, SMALL_WORLD, config)
     after = model.state_dict()

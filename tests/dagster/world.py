@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from unifilter_dagster.demo import UPSTREAM  # the assets a scoring run needs, as the demo materializes them
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
@@ -38,14 +40,6 @@ TINY_WORLD: dict[str, int] = {
 STAGE1_OVERRIDES = ["max_steps=2", "logging_steps=1", "per_device_train_batch_size=8"]
 STAGE2_OVERRIDES = [*STAGE1_OVERRIDES, "per_device_eval_batch_size=64"]
 TEMPLATE_PARTITIONS = ["datacomp_0000", "datacomp_0001", "obelics_0000"]
-UPSTREAM = [
-    "synthetic_caption_pairs",
-    "synthetic_interleaved_pairs",
-    "llava_pretrain_subset",
-    "stage1_projector",
-    "stage2_classifier",
-    "tar_manifest",
-]
 _READY = "template-ready.json"
 
 

@@ -188,6 +188,24 @@ class UniFilterForQualityScoring(PreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.model.language_model.set_input_embeddings(value)
 
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The tower's patch features at ``vision_select_layer`` (what the projector pools).
+
+        Args:
+            pixel_values: ``[N, 3, H, W]`` normalized images (H = W = vision image_size).
+
+        Returns:
+            ``[N, num_patches, vision_hidden]``, patches in row-major order.
+        """
+        tower = self.model.vision_tower
+        pixel_values = pixel_values.to(dtype=tower.embeddings.patch_embedding.weight.dtype)
+        if self.config.vision_select_layer == -1:
+            # hidden_states[-1] is the encoder output before post_layernorm: skip the unused head
+            embeddings = tower.embeddings(pixel_values)  # (N, P, C)
+            return tower.encoder(inputs_embeds=embeddings).last_hidden_state
+        outputs = tower(pixel_values=pixel_values, output_hidden_states=True)
+        return outputs.hidden_states[self.config.vision_select_layer]
+
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Project images to LLM input vectors.
 
@@ -197,16 +215,7 @@ class UniFilterForQualityScoring(PreTrainedModel):
         Returns:
             ``[N, num_image_tokens, text_hidden]``.
         """
-        tower = self.model.vision_tower
-        pixel_values = pixel_values.to(dtype=tower.embeddings.patch_embedding.weight.dtype)
-        if self.config.vision_select_layer == -1:
-            # hidden_states[-1] is the encoder output before post_layernorm: skip the unused head
-            embeddings = tower.embeddings(pixel_values)  # (N, P, C)
-            features = tower.encoder(inputs_embeds=embeddings).last_hidden_state
-        else:
-            outputs = tower(pixel_values=pixel_values, output_hidden_states=True)
-            features = outputs.hidden_states[self.config.vision_select_layer]
-        return self.model.mm_projector(features)
+        return self.model.mm_projector(self.vision_features(pixel_values))
 
     def scores_from_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """``[B, num_labels]`` logits -> ``[B]`` float32 scores (see :func:`scores_from_logits`)."""

@@ -33,7 +33,6 @@ import anthropic
 from unifilter_core.synth import prompts
 from unifilter_core.synth.claude_sources import (  # re-exported: the sources are part of this API
     SOURCE_TYPES,
-    WORLD_PAIRS_MARKER,
     SourceItem,
     SourceSpec,
     load_items,
@@ -48,6 +47,7 @@ from unifilter_core.synth.ledger import (
     atomic_write_bytes,
     write_training_json,
 )
+from unifilter_core.synth.pairs_folder import holds_world_pairs
 from unifilter_core.synth.prompts import ApiImage, ImageError, prepare_image
 
 logger = logging.getLogger(__name__)
@@ -260,7 +260,7 @@ class ClaudeGenerator:
     # ---- run -------------------------------------------------------------------------------------------------
     def run(self, items: list[SourceItem]) -> dict[str, Any]:
         """Resume in-flight batches, send what is still needed, rewrite train/val JSON. Returns a summary."""
-        if (self.out_dir / WORLD_PAIRS_MARKER).exists():
+        if holds_world_pairs(self.out_dir):
             raise ClaudeRunError(
                 f"{self.out_dir} holds pairs of the world generator: choose another output folder"
             )

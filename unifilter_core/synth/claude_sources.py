@@ -11,15 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unifilter_core.synth.pairs_folder import WORLD_MARKER
-
 logger = logging.getLogger(__name__)
 
 SOURCE_TYPES = ("world", "images", "llava", "obelics")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 LLAVA_JSON = "blip_laion_cc_sbu_558k.json"
 MAX_DOCUMENT_IMAGES = 20
-WORLD_PAIRS_MARKER = WORLD_MARKER  # written by unifilter_core.synth.world next to its train.json
 
 
 @dataclass(slots=True)

@@ -27,14 +27,13 @@ from typing import Any
 from unifilter_core import paths
 from unifilter_core.data.writer import atomic_write_bytes
 from unifilter_core.synth.levels import LEVELS, LevelConfig, make_caption, make_document, sample_style
-from unifilter_core.synth.pairs_folder import WORLD_MARKER, refuse_claude_folder
+from unifilter_core.synth.pairs_folder import WORLD_MARKER, holds_world_pairs, refuse_claude_folder
 from unifilter_core.synth.scenes import Scene, encode_jpeg, render_scene, sample_scene
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 PRETRAIN_JSON = "blip_laion_cc_sbu_558k.json"
-PAIRS_MARKER = WORLD_MARKER  # written next to train.json: these pairs came from the world generator
 _PRETRAIN_PROMPTS = (
     "Describe the image concisely.",
     "Give a brief description of the image.",
@@ -295,7 +294,7 @@ def write_synthetic_pairs(kind: str, out_dir: str | os.PathLike[str], config: Wo
         summary[f"{split}_levels"] = {
             str(k): v for k, v in sorted(Counter(r["label"] for r in records).items())
         }
-    atomic_write_bytes(out / PAIRS_MARKER, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(out / WORLD_MARKER, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
     seconds = time.perf_counter() - start
     n = summary["train"] + summary["val"]
     summary.update(
@@ -335,7 +334,7 @@ def _check_ownership(root: Path, overwrite: bool) -> list[str]:
         paths.synthetic_dir(root, k) / "train.json"
         for k in ("caption", "interleaved")
         if (paths.synthetic_dir(root, k) / "train.json").exists()
-        and not (paths.synthetic_dir(root, k) / PAIRS_MARKER).exists()
+        and not holds_world_pairs(paths.synthetic_dir(root, k))
     ]
     if foreign:
         raise ValueError(

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unifilter_core.synth.scenes import COLOURS, POSITIONS, SHAPES, TEXTURES, TONES
+
 logger = logging.getLogger(__name__)
 
 IGNORE = -100
@@ -84,8 +86,6 @@ class SceneBatch:
 
 def scene_targets(scenes: list[Any]) -> dict[str, torch.Tensor]:
     """Integer targets of ``synth.scenes.Scene`` objects (cells in ``POSITIONS`` order)."""
-    from unifilter_core.synth.scenes import COLOURS, POSITIONS, SHAPES, TEXTURES, TONES
-
     colours, tones = list(COLOURS), list(TONES)
     n = len(scenes)
     occupant = torch.zeros(n, len(POSITIONS), dtype=torch.long)
@@ -121,8 +121,6 @@ class SceneHeads(nn.Module):
     """Throw-away linear heads on the tower's features (see the module docstring)."""
 
     def __init__(self, hidden: int) -> None:
-        from unifilter_core.synth.scenes import COLOURS, POSITIONS, SHAPES, TEXTURES, TONES
-
         super().__init__()
         self.occupant = nn.Linear(hidden, 1 + len(SHAPES))
         self.colour = nn.Linear(hidden, len(COLOURS))
@@ -132,20 +130,19 @@ class SceneHeads(nn.Module):
         self.texture = nn.Linear(hidden, len(TEXTURES))
 
 
-def tower_features(tower: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(cells [N, 9, C], image [N, C])``: the tower output the model uses (last layer, before post_layernorm)
-    pooled to the 3 x 3 grid, and its mean over all patches."""
-    embeddings = tower.embeddings(pixels)
-    hidden = tower.encoder(inputs_embeds=embeddings).last_hidden_state  # (N, P, C)
+def tower_features(model: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cells [N, 9, C], image [N, C])``: the tower features the model uses (``vision_features``) pooled to the
+    3 x 3 grid, and their mean over all patches."""
+    hidden = model.vision_features(pixels)  # (N, P, C)
     n, p, c = hidden.shape
-    side = int(round(p**0.5))
+    side = math.isqrt(p)
     maps = hidden.transpose(1, 2).reshape(n, c, side, side)
     cells = F.adaptive_avg_pool2d(maps, GRID).flatten(2).transpose(1, 2)
     return cells, hidden.mean(dim=1)
 
 
-def _losses(tower: nn.Module, heads: SceneHeads, batch: SceneBatch) -> dict[str, torch.Tensor]:
-    cells, image = tower_features(tower, batch.pixels)
+def _losses(model: nn.Module, heads: SceneHeads, batch: SceneBatch) -> dict[str, torch.Tensor]:
+    cells, image = tower_features(model, batch.pixels)
     n = cells.shape[0]
     cell_ids = torch.arange(GRID * GRID).expand(n, -1)
     return {
@@ -162,7 +159,7 @@ def _losses(tower: nn.Module, heads: SceneHeads, batch: SceneBatch) -> dict[str,
 
 @torch.no_grad()
 def scene_accuracy(
-    tower: nn.Module, heads: SceneHeads, batch: SceneBatch, chunk: int = 256
+    model: nn.Module, heads: SceneHeads, batch: SceneBatch, chunk: int = 256
 ) -> dict[str, float]:
     """Accuracy of every head on ``batch``: ``occupant`` over all cells (most are empty), ``shape`` (the same
     head) and ``colour`` / ``size`` over the cells that hold an object."""
@@ -170,11 +167,12 @@ def scene_accuracy(
     hits: dict[str, list[torch.Tensor]] = {k: [] for k in names}
     for start in range(0, len(batch), chunk):
         part = batch.select(torch.arange(start, min(start + chunk, len(batch))))
-        cells, image = tower_features(tower, part.pixels)
+        cells, image = tower_features(model, part.pixels)
         cell_ids = torch.arange(GRID * GRID).expand(cells.shape[0], -1)
+        occupant = heads.occupant(cells)
         for name, logits, target in (
-            ("occupant", heads.occupant(cells), part.occupant),
-            ("shape", heads.occupant(cells), torch.where(part.occupant > 0, part.occupant, IGNORE)),
+            ("occupant", occupant, part.occupant),
+            ("shape", occupant, torch.where(part.occupant > 0, part.occupant, IGNORE)),
             ("colour", heads.colour(cells), part.colour),
             ("size", heads.size(cells), part.size),
             ("cell", heads.cell(cells), cell_ids),
@@ -243,7 +241,7 @@ def _pretrain(model: Any, processor: Any, world: Any, config: VisionPretrainConf
         running = 0.0
         for step in range(steps_per_epoch):
             batch = train.select(order[step * config.batch_size : (step + 1) * config.batch_size])
-            loss = sum(_losses(tower, heads, batch).values())
+            loss = sum(_losses(model, heads, batch).values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -256,7 +254,7 @@ def _pretrain(model: Any, processor: Any, world: Any, config: VisionPretrainConf
     tower.train(was_training)
     for p, flag in zip(tower.parameters(), trainable, strict=True):
         p.requires_grad_(flag)
-    accuracy = scene_accuracy(tower, heads, held_out)
+    accuracy = scene_accuracy(model, heads, held_out)
     result = {
         "config": {**asdict(config), "images": n_train, "eval_images": n_eval},
         "held_out_accuracy": accuracy,
