@@ -47,6 +47,10 @@ class Reason(str, Enum):
     NO_IMAGES = "no_images"
     # model
     MODEL_ERROR = "model_error"
+    # the sample broke the software, not a limit: a decode worker died on it even when retried alone, or an
+    # unexpected exception was raised while reading, decoding, tokenizing or writing it (detail has the error)
+    WORKER_CRASH = "worker_crash"
+    INTERNAL_ERROR = "internal_error"
 
     def __str__(self) -> str:
         return self.value
@@ -59,6 +63,24 @@ _SKIPPED = {
     Reason.EMPTY_DOCUMENT,
     Reason.NO_IMAGES,
 }
+
+
+class Flag(str, Enum):
+    """Facts about a row that did not stop it from being scored (the ``flags`` column, comma-separated).
+
+    Text that cannot be stored as UTF-8 (lone surrogates such as an emoji cut in half, member names with
+    non-UTF-8 bytes) is kept with the offending code points written as ``\\uXXXX`` / ``\\xNN`` escapes; the flag
+    says which field was escaped.
+    """
+
+    KEY_ESCAPED = "key_escaped"
+    UID_ESCAPED = "uid_escaped"
+    URL_ESCAPED = "url_escaped"
+    TEXT_ESCAPED = "text_escaped"
+    FIELD_ESCAPED = "field_escaped"  # another json field (only the original output format stores those)
+
+    def __str__(self) -> str:
+        return self.value
 
 
 def status_of(reason: Reason) -> Status:
@@ -78,6 +100,9 @@ class ScoreResult:
         n_tokens: length of the spliced sequence (text tokens + image tokens).
         truncated: True when the sequence was cut to the token limit (EOS is always kept).
         detail: a human-readable message for errors (never parsed).
+        flags: :class:`Flag` codes (e.g. ``text_escaped``), sorted, no duplicates.
+        quality_class: argmax class of a multi-label head (None for the regression head).
+        expected_level: sum over classes of P(class) x class index, for multi-label heads (None otherwise).
     """
 
     score: float | None
@@ -87,6 +112,9 @@ class ScoreResult:
     n_tokens: int = 0
     truncated: bool = False
     detail: str | None = None
+    flags: list[str] = field(default_factory=list)
+    quality_class: int | None = None
+    expected_level: float | None = None
 
     @classmethod
     def failed(cls, reason: Reason, detail: str | None = None, **kw: Any) -> ScoreResult:
@@ -102,10 +130,17 @@ class SampleFailure:
     n_images: int = 0
     n_tokens: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    flags: list[str] = field(default_factory=list)
 
     @property
     def status(self) -> Status:
         return status_of(self.reason)
 
     def to_result(self) -> ScoreResult:
-        return ScoreResult.failed(self.reason, self.detail, n_images=self.n_images, n_tokens=self.n_tokens)
+        return ScoreResult.failed(
+            self.reason,
+            self.detail,
+            n_images=self.n_images,
+            n_tokens=self.n_tokens,
+            flags=sorted(set(self.flags)),
+        )
