@@ -31,8 +31,8 @@ def test_discover_and_select_block(tmp_path: Path) -> None:
         (tmp_path / name).write_bytes(b"")
     tars = discover_tars(tmp_path)
     assert [p.name for p in tars] == ["00000001.tar", "2.tar", "10.tar"]
-    assert [p.name for p in select_block(tars, 1, 2)] == ["10.tar"]
-    assert select_block(tars, 5, 2) == []
+    assert [p.name for p in select_block(tars, 1, 2)] == ["2.tar"]  # ids [2, 4), not positions
+    assert select_block(tars, 6, 2) == []
     assert select_block(tars, 0, None) == tars
     assert discover_tars(tmp_path / "2.tar") == [(tmp_path / "2.tar").resolve()]
     with pytest.raises(ValueError, match="needs --tars-per-gpu"):

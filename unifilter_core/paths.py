@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+
+# a shard is `<digits>.tar` or MMC4's `shard_<digits>.tar`; ASCII digits only (str.isdigit() accepts `²`)
+_SHARD_NAME = re.compile(r"(?:shard_)?([0-9]+)\.tar", re.ASCII)
 
 
 def data_root(override: str | os.PathLike[str] | None = None) -> Path:
@@ -41,17 +45,28 @@ def catalog_path(root: Path) -> Path:
     return root / "unifilter.duckdb"
 
 
+def shard_id(name: str | os.PathLike[str]) -> int | None:
+    """The tar id of a shard file name: ``00000042.tar`` and ``shard_42.tar`` -> 42; anything else -> None.
+
+    Only ASCII digits count (``².tar`` is not a shard).
+    """
+    match = _SHARD_NAME.fullmatch(Path(name).name)
+    return int(match.group(1)) if match else None
+
+
 def partition_key(source: str, tar_path: str | os.PathLike[str]) -> str:
-    """``sources/obelics/00000042.tar`` -> ``obelics_0042`` (numeric stem, zero-padded to >= 4 digits)."""
-    stem = Path(tar_path).name.split(".")[0]
-    if not stem.isdigit():
-        raise ValueError(f"tar name {Path(tar_path).name!r} has no numeric stem (expected e.g. 00000042.tar)")
-    return f"{source}_{int(stem):04d}"
+    """``sources/obelics/00000042.tar`` -> ``obelics_0042`` (tar id, zero-padded to >= 4 digits)."""
+    number = shard_id(tar_path)
+    if number is None:
+        raise ValueError(
+            f"tar name {Path(tar_path).name!r} is not a shard name (expected e.g. 00000042.tar or shard_42.tar)"
+        )
+    return f"{source}_{number:04d}"
 
 
 def parse_partition_key(key: str) -> tuple[str, int]:
     """``obelics_0042`` -> (``obelics``, 42)."""
     source, sep, num = key.rpartition("_")
-    if not sep or not source or not num.isdigit():
+    if not sep or not source or not (num.isascii() and num.isdigit()):
         raise ValueError(f"partition key {key!r} is not of the form <source>_<NNNN>")
     return source, int(num)

@@ -105,8 +105,12 @@ def discover_tar_records(root: Path, sources: Sequence[SourceSpec]) -> list[TarR
 def resolve_partition(
     root: Path, sources: Sequence[SourceSpec], partition_key: str
 ) -> tuple[SourceSpec, Path]:
-    """The source and tar of a partition key, found on disk (raises ValueError with what to do if absent)."""
-    from unifilter_core.scoring.discovery import discover_tars
+    """The source and tar of a partition key, found on disk (raises ValueError with what to do if absent).
+
+    The tar's likely names are probed first (``00000042.tar``, ``42.tar``, ``shard_42.tar``, ...); the
+    source folder is listed only when none exists, so a run does not list a folder of 100k tars.
+    """
+    from unifilter_core.scoring.discovery import find_shard
 
     source, number = paths.parse_partition_key(partition_key)
     by_name = check_sources(sources)
@@ -116,11 +120,10 @@ def resolve_partition(
         )
     spec = by_name[source]
     folder = spec.directory(root)
-    if folder.is_dir():
-        for tar in discover_tars(folder):
-            if int(tar.name.split(".")[0]) == number:
-                return spec, tar
-    raise ValueError(f"partition {partition_key!r}: no tar numbered {number} under {folder}")
+    tar = find_shard(folder, number)
+    if tar is None:
+        raise ValueError(f"partition {partition_key!r}: no tar numbered {number} under {folder}")
+    return spec, tar
 
 
 def score_table_path(root: Path, source: str, tar: Path) -> Path:
@@ -145,12 +148,22 @@ def score_partition(
 ) -> dict[str, Any]:
     """Score one tar into its score table (skipped when up to date) and record its statistics.
 
+    The score folder must belong to this source's input folder (``.source.json``, written on first use): a
+    source whose ``path`` was changed does not mix its tables with the old folder's.
+
     Returns:
         Figures: rows, counts by status and reason, samples/s, paths, fingerprints, score mean/quantiles.
+
+    Raises:
+        SourceMismatchError: the score folder holds tables of another input folder (a ValueError).
     """
     from unifilter_core.scoring import score_tar
+    from unifilter_core.scoring.source_marker import check_source_marker, write_source_marker
 
     out = score_table_path(root, spec.name, tar)
+    hint = "move or delete that score folder, or give this source another name"
+    check_source_marker(out.parent, spec.name, tar.parent, hint=hint)
+    write_source_marker(out.parent, spec.name, tar.parent)
     summary = score_tar(
         tar,
         scorer,
