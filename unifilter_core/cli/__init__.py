@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from importlib.metadata import entry_points
 
@@ -18,6 +19,8 @@ _COMMAND_MODULES = ("score", "world", "synth", "train", "catalog_cmds", "report"
 # Packages that build on the core (unifilter_dagster: `demo`, `ui`) add subcommands through this entry-point
 # group; the core never imports them.
 _PLUGIN_GROUP = "unifilter.commands"
+#: set to 1 for debug logging (tracebacks behind `unifilter: error:` lines), like -v
+DEBUG_ENV = "UNIFILTER_DEBUG"
 
 
 class CLIError(Exception):
@@ -28,7 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unifilter", description="UniFilter: multimodal data quality filtering"
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help=f"debug logging, with the traceback behind an error line (also: {DEBUG_ENV}=1)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in _COMMAND_MODULES:
         try:
@@ -47,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG
+        if args.verbose or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+        else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:

@@ -5,19 +5,23 @@ Example (tiny test data)::
     unifilter score caption --model-path ckpt/ --tar-file-path shards/ --gpu-id 0 --batch-size 16 \\
         --tars-per-gpu 128 --output-dir scores/ --device cpu
 
-Differences from the original scripts: tars are discovered (sorted ``<number>.tar`` files) instead of probing a
-fixed id range; ``--gpu-id I --tars-per-gpu N`` select positions ``[I*N, (I+1)*N)`` of that list (a block past the
-end prints a message and exits 0, so a launcher may start more GPUs than there are blocks); tables go to
-``<data root>/scores/<source>/`` (or ``--output-dir``), never into the input folder; a tar is skipped only when
-its table's manifest matches the tar, the model and the scoring config.
+As the original scripts, ``--gpu-id I --tars-per-gpu N`` (default N = 128) scores the tars whose ids are in
+``[I*N, (I+1)*N)``; the ids of the block with no tar are listed, and a block with no tar at all prints a message
+and exits 0 (a launcher may start more GPUs than there are blocks). Differences: tars are discovered
+(``<number>.tar`` or ``shard_<number>.tar``) instead of probing ``range(100000)``; tables go to
+``<data root>/scores/<source>/`` (or ``--output-dir``), never into the input folder, and that folder belongs to
+one input folder (``.source.json``); a tar is skipped only when its table's manifest matches the tar, the model
+and the scoring config; a tar that fails does not stop the block (the run ends with exit code 1 naming it).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,9 @@ from unifilter_core.paths import data_root, scores_dir
 
 _DEFAULT_BATCH = {"caption": 16, "interleaved": 4}
 _SOURCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+#: the original scripts' block size
+DEFAULT_TARS_PER_GPU = 128
+logger = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -49,11 +56,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _add_flags(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--model-path", required=True, help="checkpoint folder (config.json + model.safetensors)")
     p.add_argument("--tar-file-path", required=True, help="folder of <number>.tar shards, or one .tar file")
-    p.add_argument(
-        "--gpu-id", type=int, default=0, help="block index: tars [I*N, (I+1)*N) of the sorted list"
-    )
+    p.add_argument("--gpu-id", type=int, default=0, help="block index I: the tars with ids in [I*N, (I+1)*N)")
     p.add_argument("--batch-size", type=int, default=_DEFAULT_BATCH[kind], help="samples per model call")
-    p.add_argument("--tars-per-gpu", type=int, default=None, help="block size N (default: every tar)")
+    p.add_argument(
+        "--tars-per-gpu",
+        type=int,
+        default=DEFAULT_TARS_PER_GPU,
+        help=f"block size N in tar ids (default {DEFAULT_TARS_PER_GPU}); to score every tar in one run, give "
+        "a block larger than the highest id, e.g. 1000000000",
+    )
     p.add_argument("--output-dir", default=None, help="where tables go (default <data root>/scores/<source>)")
     p.add_argument("--root", default=None, help="data root (default $UNIFILTER_HOME or ./.unifilter)")
     p.add_argument("--source", default=None, help="source name (default: the tar folder's name)")
@@ -123,7 +134,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.gpu_id < 0:
         raise CLIError(f"--gpu-id must be >= 0, got {args.gpu_id}")
-    if args.tars_per_gpu is not None and args.tars_per_gpu < 1:
+    if args.tars_per_gpu < 1:
         raise CLIError(f"--tars-per-gpu must be >= 1, got {args.tars_per_gpu}")
     if args.num_workers is not None and args.num_workers < 0:
         raise CLIError(f"--num-workers must be >= 0, got {args.num_workers}")
@@ -133,25 +144,40 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise CLIError(f"--vision-batch-size must be >= 1, got {args.vision_batch_size}")
 
 
-def _plan(args: argparse.Namespace) -> tuple[list[Path], Path, str]:
-    """Discover the block of tars, the output folder and the source name (all checks before any work)."""
-    from unifilter_core.scorer import resolve_checkpoint
-    from unifilter_core.scoring import discover_tars, select_block
+@dataclass(frozen=True)
+class _Plan:
+    """What a run will do, settled before the model loads."""
 
-    _check_numbers(args)
+    block: list[Path]
+    ids: range
+    missing: list[int]
+    input_dir: Path
+    out: Path
+    source: str
+    n_found: int
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    if isinstance(exc, (ValueError, OSError)) and type(exc).__module__ == "builtins" and first:
+        return first
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _check_checkpoint(model_path: str) -> None:
+    from unifilter_core.scorer import resolve_checkpoint
+
     try:
-        resolve_checkpoint(args.model_path)
-    except ValueError as exc:
-        raise CLIError(f"bad --model-path: {exc}") from None
-    try:
-        tars = discover_tars(args.tar_file_path)
-        block = select_block(tars, args.gpu_id, args.tars_per_gpu)
-    except ValueError as exc:
-        raise CLIError(str(exc)) from None
-    input_dir = tars[0].parent
-    source = args.source or input_dir.name
-    if not _SOURCE_RE.fullmatch(source):
-        raise CLIError(f"source name {source!r} must match {_SOURCE_RE.pattern}; pass --source NAME")
+        resolve_checkpoint(model_path)
+    except Exception as exc:  # a malformed config.json raises whatever json/attribute error it hits
+        logger.debug("checkpoint check failed", exc_info=True)
+        raise CLIError(f"bad --model-path: {_first_line(exc)}") from None
+
+
+def _output_dir(args: argparse.Namespace, source: str, input_dir: Path) -> Path:
+    from unifilter_core.scoring.source_marker import SourceMismatchError, check_source_marker
+
     out = (
         Path(args.output_dir).expanduser().resolve()
         if args.output_dir
@@ -161,7 +187,47 @@ def _plan(args: argparse.Namespace) -> tuple[list[Path], Path, str]:
         raise CLIError(f"--output-dir {str(out)!r} is the input folder; score tables must go elsewhere")
     if out.exists() and not out.is_dir():
         raise CLIError(f"--output-dir {str(out)!r} exists and is not a folder")
-    return block, out, source
+    try:
+        check_source_marker(
+            out, source, input_dir, hint="pass --source NAME (a new score folder) or --output-dir DIR"
+        )
+    except SourceMismatchError as exc:
+        raise CLIError(str(exc)) from None
+    return out
+
+
+def _plan(args: argparse.Namespace) -> _Plan:
+    """Discover the block of tars, the output folder and the source name (all checks before any work)."""
+    from unifilter_core.paths import shard_id
+    from unifilter_core.scoring.discovery import block_ids, discover_tars, select_block
+
+    _check_numbers(args)
+    _check_checkpoint(args.model_path)
+    try:
+        tars = discover_tars(args.tar_file_path)
+        block = select_block(tars, args.gpu_id, args.tars_per_gpu)
+        ids = block_ids(args.gpu_id, args.tars_per_gpu)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    input_dir = tars[0].parent
+    source = args.source or input_dir.name
+    if not _SOURCE_RE.fullmatch(source):
+        raise CLIError(f"source name {source!r} must match {_SOURCE_RE.pattern}; pass --source NAME")
+    out = _output_dir(args, source, input_dir)
+    present = {shard_id(t) for t in tars}
+    missing = (
+        [] if len(tars) == 1 and Path(args.tar_file_path).is_file() else [i for i in ids if i not in present]
+    )
+    return _Plan(block, ids, missing, input_dir, out, source, len(tars))
+
+
+def _check_output(out: Path) -> None:
+    from unifilter_core.scoring import output
+
+    try:
+        output.check_output_writable(out)
+    except (OSError, ValueError) as exc:
+        raise CLIError(f"cannot write score tables to {out}: {_first_line(exc)}") from None
 
 
 def _load(args: argparse.Namespace, device: str, dtype: str) -> Any:
@@ -179,54 +245,109 @@ def _load(args: argparse.Namespace, device: str, dtype: str) -> Any:
             compile_vision=args.compile_vision if device != "cpu" else None,
             vision_batch_size=args.vision_batch_size,
         )
-    except (ValueError, OSError, KeyError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CLIError(f"cannot load checkpoint {args.model_path!r}: {first}") from None
+    except Exception as exc:  # safetensors, json, torch and config errors: a bad checkpoint, one line
+        logger.debug("checkpoint load failed", exc_info=True)
+        raise CLIError(
+            f"cannot load checkpoint {args.model_path!r}: {_first_line(exc)} (check config.json and "
+            "model.safetensors; -v or UNIFILTER_DEBUG=1 shows the traceback)"
+        ) from None
+
+
+def _describe_block(args: argparse.Namespace, plan: _Plan) -> str:
+    from unifilter_core.paths import shard_id
+    from unifilter_core.scoring.discovery import compact_ranges
+
+    span = compact_ranges(plan.ids)
+    have = compact_ranges(shard_id(t) or 0 for t in plan.block)
+    text = f"block {args.gpu_id} (tars-per-gpu {args.tars_per_gpu}, ids {span}): tar ids {have or 'none'}"
+    if plan.missing:
+        text += f"; missing ids {compact_ranges(plan.missing)}"
+    return text
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from unifilter_core.scoring import ScoringConfig
+
+    num_workers = args.num_workers if args.num_workers is not None else max(1, (os.cpu_count() or 2) - 1)
+    try:
+        return ScoringConfig(
+            batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens, num_workers=num_workers
+        )
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
 
 
 def run_score(args: argparse.Namespace) -> int:
-    """Entry point of ``unifilter score KIND``: returns the exit code."""
-    from unifilter_core.scoring import ScoringConfig, score_tars
+    """Entry point of ``unifilter score KIND``: returns the exit code (1 when a tar of the block failed)."""
+    from unifilter_core.scoring.discovery import compact_ranges
+    from unifilter_core.scoring.source_marker import write_source_marker
 
-    block, out, source = _plan(args)
-    if not block:
+    plan = _plan(args)
+    if not plan.block:
         print(
-            f"unifilter score: block {args.gpu_id} (tars-per-gpu {args.tars_per_gpu}) is past the end of the "
-            f"{len(_discovered(args))} tars found; nothing to do",
+            f"unifilter score: block {args.gpu_id} (tars-per-gpu {args.tars_per_gpu}, ids "
+            f"{compact_ranges(plan.ids)}) has none of the {plan.n_found} tar(s) in {plan.input_dir}; nothing to do",
             file=sys.stderr,
         )
         return 0
     device = resolve_device(args.device, args.gpu_id)
     dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
-    num_workers = args.num_workers if args.num_workers is not None else max(1, (os.cpu_count() or 2) - 1)
-    try:
-        config = ScoringConfig(
-            batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens, num_workers=num_workers
-        )
-    except ValueError as exc:
-        raise CLIError(str(exc)) from None
+    config = _config(args)
+    _check_output(plan.out)
     scorer = _load(args, device, dtype)
-    print(f"unifilter score: {len(block)} tar(s) from {block[0].parent} -> {out} ({device}, {dtype})")
-    total_rows, total_s = 0, 0.0
+    print(f"unifilter score: {_describe_block(args, plan)}")
+    print(
+        f"unifilter score: {len(plan.block)} tar(s) from {plan.input_dir} -> {plan.out} ({device}, {dtype})"
+    )
+    try:
+        write_source_marker(plan.out, plan.source, plan.input_dir)
+        failed = _score_block(args, plan, scorer, config)
+    except OSError as exc:
+        raise CLIError(_os_error_line(exc, plan.out)) from None
+    if failed:
+        print(f"unifilter score: {len(failed)} of {len(plan.block)} tar(s) failed:", file=sys.stderr)
+        for name, error in failed:
+            print(f"  {name}: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _score_block(args: argparse.Namespace, plan: _Plan, scorer: Any, config: Any) -> list[tuple[str, str]]:
+    """Score the block, printing one line per tar; returns ``(tar name, error)`` of the tars that failed."""
+    from unifilter_core.scoring import score_tars
+
+    total_rows, total_s, failed = 0, 0.0, []
     for summary in score_tars(
-        block,
+        plan.block,
         scorer,
-        out,
+        plan.out,
         kind=args.kind,
-        source=source,
+        source=plan.source,
         config=config,
         progress=not args.no_progress,
         force=args.force,
     ):
         print(summary.describe(), flush=True)
+        error = getattr(summary, "error", None)
+        if error:
+            failed.append((Path(summary.tar_path).name, str(error)))
         total_rows += summary.rows
         total_s += summary.wall_s
     rate = f", {total_rows / total_s:.1f} samples/s" if total_s > 0 else ""
-    print(f"unifilter score: done: {len(block)} tar(s), {total_rows} rows{rate}")
-    return 0
+    print(f"unifilter score: done: {len(plan.block)} tar(s), {total_rows} rows{rate}")
+    return failed
 
 
-def _discovered(args: argparse.Namespace) -> list[Path]:
-    from unifilter_core.scoring import discover_tars
+def _os_error_line(exc: OSError, out: Path) -> str:
+    """One line for a disk-full / permission / other OS error met while writing score tables."""
+    import errno
 
-    return discover_tars(args.tar_file_path)
+    where = exc.filename or getattr(exc, "path", None) or out
+    what = exc.strerror or _first_line(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        todo = "free disk space (or pass --output-dir on another disk) and rerun: finished tables are kept"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        todo = "make the folder writable or pass --output-dir DIR, then rerun"
+    else:
+        todo = "fix the cause and rerun: finished tables are kept and skipped"
+    return f"writing {where}: {what}; {todo}"
