@@ -155,7 +155,10 @@ def test_disk_full_during_the_run_is_one_line(
 
 def test_check_output_writable_probes_the_folder(tmp_path: Path) -> None:
     assert output.check_output_writable(tmp_path / "a" / "b") == tmp_path / "a" / "b"
-    assert list((tmp_path / "a" / "b").iterdir()) == []  # the probe is removed
+    assert not (tmp_path / "a").exists()  # folders made for the probe are removed again
+    (tmp_path / "c").mkdir()
+    output.check_output_writable(tmp_path / "c")
+    assert list((tmp_path / "c").iterdir()) == []  # the probe is removed
     (tmp_path / "file").write_text("x")
     with pytest.raises(OSError, match="cannot write in"):
         output.check_output_writable(tmp_path / "file" / "sub")

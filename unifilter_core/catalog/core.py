@@ -17,14 +17,14 @@ from unifilter_core.catalog import schema
 from unifilter_core.catalog._locking import maybe_pause, run_read, run_write
 from unifilter_core.catalog.ledger import LEDGER_FIELDS, parse_ledger
 from unifilter_core.catalog.records import TarRecord, as_timestamp, tar_record
-from unifilter_core.catalog.stats import ScoreStats, compute_score_stats
+from unifilter_core.catalog.stats import ScoreStats, compute_score_stats, stats_key
 from unifilter_core.catalog.thresholds import (
     ThresholdRow,
     format_table,
     query_thresholds,
     validate_selection,
 )
-from unifilter_core.paths import catalog_path, data_root, partition_key
+from unifilter_core.paths import catalog_path, data_root
 
 logger = logging.getLogger(__name__)
 
@@ -100,9 +100,17 @@ class Catalog:
         """Create or upgrade the schema (idempotent); returns the version found before."""
         return self._write(lambda conn: schema.migrate(conn, self.root))
 
-    def refresh_scores_view(self) -> None:
-        """Rebuild the ``scores`` view from the score parquet present now (empty view when there is none)."""
-        self._write(lambda conn: schema.create_scores_view(conn, self.root))
+    def refresh_scores_view(self) -> schema.ScoreFiles:
+        """Rebuild the ``scores`` view from the score parquet present now (empty view when there is none).
+
+        Returns:
+            The files read, with those left out of the view because their footer does not read (warned).
+        """
+        return self._write(lambda conn: schema.create_scores_view(conn, self.root))
+
+    def score_files(self) -> schema.ScoreFiles:
+        """The score parquet under the data root, split into readable and unreadable ones (footers only)."""
+        return schema.scan_score_files(self.root)
 
     # -- tar registry ---------------------------------------------------------------------------------------
 
@@ -221,9 +229,12 @@ class Catalog:
 
     # -- score statistics -----------------------------------------------------------------------------------
 
-    def record_score_stats(self, partition_key: str, parquet_path: str | Path) -> ScoreStats:
+    def record_score_stats(
+        self, partition_key: str, parquet_path: str | Path, *, update_view: bool = True
+    ) -> ScoreStats:
         """Summarise one score parquet into ``score_stats`` (replacing the partition's row) and keep the
-        ``scores`` view current. Statistics are computed before the lock is taken."""
+        ``scores`` view current (unless ``update_view`` is False: the caller rebuilds it once after many).
+        Statistics are computed before the lock is taken."""
         stats = compute_score_stats(partition_key, parquet_path)
         d = asdict(stats)
         cols = list(d)
@@ -241,7 +252,8 @@ class Catalog:
             conn.execute("DELETE FROM score_stats WHERE partition_key = ?", [partition_key])
             maybe_pause("score_stats_mid")
             conn.execute(sql, params)
-            schema.refresh_view_if_needed(conn, self.root, stats.score_path)
+            if update_view:
+                schema.refresh_view_if_needed(conn, self.root, stats.score_path)
 
         self._write(work)
         return stats
@@ -296,6 +308,7 @@ class Catalog:
         *,
         record: bool = True,
         model_fingerprint: str | None = None,
+        files: schema.ScoreFiles | None = None,
     ) -> list[ThresholdRow]:
         """Per-source thresholds over the ok rows of every score parquet.
 
@@ -309,6 +322,8 @@ class Catalog:
             absolute: a finite score.
             record: append the rows to ``thresholds`` (one ``selection_id`` per call).
             model_fingerprint: only rows scored by this model.
+            files: the scan of :meth:`score_files` to read (default: scanned now); unreadable tables are left
+                out with a warning, and the caller may report ``files.bad``.
 
         Returns:
             One row per source with ok scores, by source name (empty when nothing is scored yet).
@@ -320,11 +335,12 @@ class Catalog:
             keep_fraction = DEFAULT_KEEP_FRACTION
         mode, value = validate_selection(keep_fraction, absolute)
         rows: list[ThresholdRow] = []
-        if any((self.root / "scores").glob("*/*.parquet")):
+        files = files if files is not None else self.score_files()
+        if files.good:
             conn = duckdb.connect(":memory:")  # parquet only: no catalog lock needed
             try:
                 rows = query_thresholds(
-                    conn, self.scores_glob, mode, value, source=source, model_fingerprint=model_fingerprint
+                    conn, files.good, mode, value, source=source, model_fingerprint=model_fingerprint
                 )
             finally:
                 conn.close()
@@ -396,28 +412,44 @@ class Catalog:
 
     # -- maintenance and ad-hoc queries ---------------------------------------------------------------------
 
-    def refresh(self) -> dict[str, int]:
-        """Schema upgrade, scores view rebuild, ledger ingestion and stats for score parquet not yet (or no
-        longer freshly) summarised. Returns counts of what was done."""
+    def refresh(self) -> dict[str, Any]:
+        """Schema upgrade, ledger ingestion, stats for score parquet not yet (or no longer freshly) summarised,
+        and a scores view rebuild.
+
+        Each table is keyed by the partition key it records (its ``partition_key`` column, else its manifest),
+        so stats join ``tars`` whatever folder the table sits in. A table that does not read is skipped with a
+        warning, never fatal.
+
+        Returns:
+            ``ledger_requests`` and ``score_stats`` (counts) and ``unreadable`` (``"path: why"`` per table left
+            out).
+        """
         self.ensure_schema()
-        self.refresh_scores_view()
-        done = {"ledger_requests": self.ingest_ledgers(), "score_stats": 0}
+        files = self.score_files()
+        unreadable = [f"{p}: {why}" for p, why in files.bad]
+        done: dict[str, Any] = {"ledger_requests": self.ingest_ledgers(), "score_stats": 0}
         have = dict(
             self._read(
                 lambda conn: conn.execute("SELECT score_path, epoch(updated_at) FROM score_stats").fetchall()
             )
         )
-        for p in sorted((self.root / "scores").glob("*/*.parquet")):
+        for p in map(Path, files.good):
             rp = str(p.resolve())
             if rp in have and have[rp] >= p.stat().st_mtime:
                 continue
             try:
-                key = partition_key(p.parent.name, p)
-            except ValueError:
-                logger.warning("%s: not named <NNNN>.parquet, left out of score_stats", p)
+                key = stats_key(p)
+                if key is None:
+                    continue
+                self.record_score_stats(key, p, update_view=False)
+            except (duckdb.Error, OSError, ValueError) as exc:  # data pages corrupt behind a good footer
+                why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                logger.warning("score table %s does not read, left out of score_stats: %s", p, why)
+                unreadable.append(f"{p}: {why}")
                 continue
-            self.record_score_stats(key, p)
             done["score_stats"] += 1
+        self.refresh_scores_view()
+        done["unreadable"] = unreadable
         return done
 
     def query(self, sql: str, params: Sequence[Any] | None = None) -> tuple[list[str], list[tuple[Any, ...]]]:
@@ -429,4 +461,17 @@ class Catalog:
                 return [], []
             return [c[0] for c in cur.description], cur.fetchall()
 
-        return self._read(work)
+        try:
+            return self._read(work)
+        except duckdb.Error as exc:
+            if not self._names_unreadable_table(exc):
+                raise
+            # a score table went bad after the view was built: rebuild it without that file, then retry once
+            logger.warning("query hit an unreadable score table (%s); rebuilding the scores view", exc)
+            self.refresh_scores_view()
+            return self._read(work)
+
+    def _names_unreadable_table(self, exc: duckdb.Error) -> bool:
+        """True when the error names a score parquet under this root (the view is then rebuilt without it)."""
+        text = str(exc)
+        return str(self.root / "scores") in text and ".parquet" in text

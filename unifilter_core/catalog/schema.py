@@ -7,10 +7,14 @@ All timestamps are UTC ``TIMESTAMP`` values.
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import duckdb
+
+logger = logging.getLogger(__name__)
 
 #: Bump when the DDL changes; :func:`migrate` brings older catalogs up to date.
 SCHEMA_VERSION = 1
@@ -161,45 +165,94 @@ def sql_string_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def _present_columns(conn: duckdb.DuckDBPyConnection, root: Path) -> set[str]:
-    """Column names found in any score parquet (empty when there is none yet)."""
-    if not any((Path(root) / "scores").glob("*/*.parquet")):
-        return set()
-    rows = conn.execute("SELECT DISTINCT name FROM parquet_schema(?)", [scores_glob(root)]).fetchall()
-    return {r[0] for r in rows}
+@dataclass(slots=True)
+class ScoreFiles:
+    """The score parquet under a data root, split by whether their footer reads.
 
-
-def create_scores_view(conn: duckdb.DuckDBPyConnection, root: Path) -> None:
-    """(Re)create the ``scores`` view over the score parquet glob, or empty with the same columns.
-
-    DuckDB views cannot hold bound parameters, so the glob is a quoted literal built only from the data root.
-    A column no score file has yet reads as NULL, so the view always has :data:`SCORE_COLUMNS`. The view's
-    comment lists the columns read from files (``[]`` for the empty view), so updates can skip needless rebuilds.
+    Attributes:
+        good: paths whose footer (schema) reads, sorted.
+        bad: ``(path, why)`` of the files that are not readable parquet (truncated, garbage); they are left out
+            of the ``scores`` view, the thresholds and ``score_stats`` with a warning.
+        columns: the column names found in the good files.
     """
-    present = _present_columns(conn, root)
+
+    good: list[str] = field(default_factory=list)
+    bad: list[tuple[str, str]] = field(default_factory=list)
+    columns: set[str] = field(default_factory=set)
+
+
+def scan_score_files(root: Path) -> ScoreFiles:
+    """Read the footer of every ``<root>/scores/*/*.parquet`` (not its data): good files, bad ones, columns."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    found = ScoreFiles()
+    for path in sorted((Path(root) / "scores").glob("*/*.parquet")):
+        try:
+            names = pq.read_schema(path).names
+        except (OSError, pa.ArrowException) as exc:
+            why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            logger.warning("score table %s is not readable parquet, left out: %s", path, why)
+            found.bad.append((str(path), why))
+            continue
+        found.good.append(str(path))
+        found.columns.update(names)
+    return found
+
+
+def create_scores_view(conn: duckdb.DuckDBPyConnection, root: Path) -> ScoreFiles:
+    """(Re)create the ``scores`` view over the score parquet, or empty with the same columns.
+
+    DuckDB views cannot hold bound parameters, so the source is a quoted literal built only from the data root:
+    the glob when every file's footer reads, else the list of good files (a corrupt table is left out with a
+    warning instead of failing every query). A column no score file has yet reads as NULL, so the view always
+    has :data:`SCORE_COLUMNS`. The view's comment records the columns read from files and the files left out,
+    so updates can skip needless rebuilds.
+
+    Returns:
+        The scan the view was built from.
+    """
+    files = scan_score_files(root)
+    present = files.columns
     cols = ", ".join(
         f"CAST({name if name in present else 'NULL'} AS {typ}) AS {name}"
         for name, typ in SCORE_COLUMNS.items()
     )
-    if present:
+    if files.good and files.bad:
+        listed = ", ".join(sql_string_literal(p) for p in files.good)
+        src = f"read_parquet([{listed}], union_by_name = true)"
+        conn.execute(f"CREATE OR REPLACE VIEW scores AS SELECT {cols} FROM {src}")
+    elif files.good:
         src = f"read_parquet({sql_string_literal(scores_glob(root))}, union_by_name = true)"
         conn.execute(f"CREATE OR REPLACE VIEW scores AS SELECT {cols} FROM {src}")
     else:
         conn.execute(f"CREATE OR REPLACE VIEW scores AS SELECT {cols} WHERE false")
-    in_view = sorted(present & set(SCORE_COLUMNS))
-    conn.execute(f"COMMENT ON VIEW scores IS {sql_string_literal(json.dumps(in_view))}")
+    comment = {"columns": sorted(present & set(SCORE_COLUMNS)), "skipped": [p for p, _ in files.bad]}
+    conn.execute(f"COMMENT ON VIEW scores IS {sql_string_literal(json.dumps(comment))}")
+    return files
+
+
+def _view_comment(conn: duckdb.DuckDBPyConnection) -> tuple[set[str], list[str]] | None:
+    """``(columns read, files left out)`` of the current view, or None when unknown (old or missing view)."""
+    row = conn.execute("SELECT comment FROM duckdb_views() WHERE view_name = 'scores'").fetchone()
+    try:
+        doc = json.loads(row[0]) if row and row[0] else None
+    except (TypeError, ValueError):
+        return None
+    if isinstance(doc, list):  # catalogs written before files were checked: a list of columns
+        return set(doc), []
+    if isinstance(doc, dict) and isinstance(doc.get("columns"), list):
+        return set(doc["columns"]), list(doc.get("skipped") or [])
+    return None
 
 
 def refresh_view_if_needed(conn: duckdb.DuckDBPyConnection, root: Path, new_parquet: str | None) -> None:
-    """Keep the view in step cheaply: rebuild only when files appear/vanish or ``new_parquet`` brings columns
-    the view does not read yet."""
-    row = conn.execute("SELECT comment FROM duckdb_views() WHERE view_name = 'scores'").fetchone()
-    try:
-        in_view = set(json.loads(row[0])) if row and row[0] else None
-    except (TypeError, ValueError):
-        in_view = None
+    """Keep the view in step cheaply: rebuild only when files appear/vanish, ``new_parquet`` brings columns
+    the view does not read yet, or the view lists files one by one (some file was left out as unreadable)."""
+    known = _view_comment(conn)
     has_files = any((root / "scores").glob("*/*.parquet"))
-    if in_view is not None and has_files == bool(in_view):
+    if known is not None and not known[1] and has_files == bool(known[0]):
+        in_view = known[0]
         if new_parquet is None or not has_files:
             return
         cols = {r[0] for r in conn.execute("SELECT name FROM parquet_schema(?)", [new_parquet]).fetchall()}

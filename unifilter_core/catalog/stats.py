@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +11,9 @@ from pathlib import Path
 import duckdb
 
 from unifilter_core.catalog.schema import HIST_BINS, HIST_EDGES, HIST_HI, HIST_LO
+from unifilter_core.paths import shard_id
+
+logger = logging.getLogger(__name__)
 
 _AGG_SQL = """
 SELECT count(*),
@@ -125,3 +129,53 @@ def compute_score_stats(partition_key: str, parquet_path: str | Path) -> ScoreSt
 
 def _finite(x: float | None) -> float | None:
     return float(x) if x is not None and math.isfinite(float(x)) else None
+
+
+def table_identity(parquet_path: str | Path) -> tuple[str | None, str | None]:
+    """``(partition_key, source)`` recorded by a score table: its first row, else its manifest sidecar.
+
+    Reads the footer and the two columns of the first row group only. (None, None) when neither records them
+    (a table written by hand); the caller then falls back to the folder and file names.
+    """
+    import pyarrow.parquet as pq
+
+    path = Path(parquet_path)
+    pf = pq.ParquetFile(path)
+    wanted = [c for c in ("partition_key", "source") if c in pf.schema_arrow.names]
+    first: dict[str, object] = {}
+    if wanted and pf.metadata.num_row_groups and pf.metadata.row_group(0).num_rows:
+        first = pf.read_row_group(0, columns=wanted).slice(0, 1).to_pylist()[0]
+    key, source = _text(first.get("partition_key")), _text(first.get("source"))
+    if key:
+        return key, source
+    manifest = path.with_name(path.name.split(".")[0] + ".manifest.json")
+    try:
+        doc = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        doc = None
+    if not isinstance(doc, dict):
+        return None, source
+    return _text(doc.get("partition_key")), _text(doc.get("source")) or source
+
+
+def _text(value: object) -> str | None:
+    return str(value) if isinstance(value, str) and value else None
+
+
+def stats_key(parquet_path: str | Path) -> str | None:
+    """The partition key to file a score table's stats under.
+
+    The key the table records (:func:`table_identity`), else ``<recorded source or folder name>_<NNNN>`` from
+    the file name (tables written by hand); None, with a warning, when the file name has no tar id either.
+    """
+    path = Path(parquet_path)
+    key, source = table_identity(path)
+    if key:
+        return key
+    number = shard_id(path.name.split(".")[0] + ".tar")
+    if number is None:
+        logger.warning(
+            "%s records no partition_key and is not named <NNNN>.parquet: left out of score_stats", path
+        )
+        return None
+    return f"{source or path.parent.name}_{number:04d}"

@@ -128,14 +128,14 @@ def validate_selection(keep_fraction: float | None, absolute: float | None) -> t
 
 def query_thresholds(
     conn: duckdb.DuckDBPyConnection,
-    glob: str,
+    glob: str | list[str],
     mode: str,
     value: float,
     *,
     source: str | None = None,
     model_fingerprint: str | None = None,
 ) -> list[ThresholdRow]:
-    """Per-source thresholds over the score parquet matching ``glob`` (all values bound as parameters)."""
+    """Per-source thresholds over the score parquet matching ``glob`` or listed (all values bound as parameters)."""
     base = [glob, source, source, model_fingerprint, model_fingerprint]
     if mode == KEEP_FRACTION:
         rows = conn.execute(_KEEP_SQL, [*base, value]).fetchall()

@@ -6,6 +6,7 @@ import argparse
 import datetime as _dt
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +77,12 @@ def _cmd_thresholds(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CLIError(str(exc)) from None
     catalog = _open(args.root, create=False)
+    files = catalog.score_files()
+    _report_unreadable([f"{p}: {why}" for p, why in files.bad])
     try:
-        rows = catalog.compute_threshold(args.source, args.keep, args.absolute, record=args.record)
+        rows = catalog.compute_threshold(
+            args.source, args.keep, args.absolute, record=args.record, files=files
+        )
     except (duckdb.Error, CatalogBusyError) as exc:
         raise CLIError(f"threshold query failed: {exc}") from None
     if not rows:
@@ -131,4 +136,16 @@ def _cmd_refresh(args: argparse.Namespace) -> int:
         raise CLIError(f"refresh failed: {exc}") from None
     print(f"catalog {catalog.path}: {done['score_stats']} score table(s) summarised, "
           f"{done['ledger_requests']} ledger request(s) ingested")  # fmt: skip
+    _report_unreadable(done["unreadable"])
     return 0
+
+
+def _report_unreadable(entries: list[str]) -> None:
+    """One warning line per score table left out (``path: why``), on stderr; nothing when there is none."""
+    if entries:
+        print(
+            f"warning: {len(entries)} unreadable score table(s) left out (rescore or delete them):",
+            file=sys.stderr,
+        )
+        for entry in entries:
+            print(f"  {entry}", file=sys.stderr)

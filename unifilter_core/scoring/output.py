@@ -8,7 +8,10 @@ from pathlib import Path
 
 
 def check_output_writable(folder: str | os.PathLike[str]) -> Path:
-    """Create ``folder`` when missing and write (then remove) a small probe file in it.
+    """Check that files can be created in ``folder`` by writing (then removing) a small probe file.
+
+    Folders created for the probe are removed again, so a run that fails later (a bad checkpoint) leaves no
+    empty output folder behind.
 
     Args:
         folder: where score tables will go.
@@ -21,6 +24,7 @@ def check_output_writable(folder: str | os.PathLike[str]) -> Path:
             the message names the folder.
     """
     path = Path(folder)
+    created = [p for p in (path, *path.parents) if not p.exists()]
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-", delete=True) as probe:
@@ -29,4 +33,8 @@ def check_output_writable(folder: str | os.PathLike[str]) -> Path:
             os.fsync(probe.fileno())
     except OSError as exc:
         raise OSError(exc.errno, f"cannot write in {path}: {exc.strerror or exc}", str(path)) from exc
+    finally:
+        for made in created:  # deepest first
+            if made.is_dir():
+                made.rmdir()
     return path
