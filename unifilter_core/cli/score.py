@@ -172,7 +172,13 @@ def _check_checkpoint(model_path: str) -> None:
         resolve_checkpoint(model_path)
     except Exception as exc:  # a malformed config.json raises whatever json/attribute error it hits
         logger.debug("checkpoint check failed", exc_info=True)
-        raise CLIError(f"bad --model-path: {_first_line(exc)}") from None
+        if type(exc) is ValueError:  # resolve_checkpoint's own messages name the folder or file
+            raise CLIError(f"bad --model-path: {exc}") from None
+        config = Path(model_path).expanduser() / "config.json"
+        raise CLIError(
+            f"bad --model-path: {config} is not a valid UniFilter config.json ({_first_line(exc)}); "
+            "restore it from the checkpoint's release"
+        ) from None
 
 
 def _output_dir(args: argparse.Namespace, source: str, input_dir: Path) -> Path:
