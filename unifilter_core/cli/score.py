@@ -53,8 +53,70 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.set_defaults(func=run_score)
 
 
+#: flags of the original scripts that have no meaning here: flag -> (why, what to use instead)
+REFUSED_FLAGS: dict[str, tuple[str, str]] = {
+    "--model-base": (
+        "checkpoints are complete here (LLM, projector, head and usually the vision tower)",
+        "pass the checkpoint as --model-path (and a separate tower as --vision-tower)",
+    ),
+    "--conv-mode": (
+        "scoring uses no chat template (the original scripts ignored the flag too)",
+        "drop the flag",
+    ),
+    "--temperature": ("scoring generates no text (the original scripts ignored the flag)", "drop the flag"),
+    "--max-new-tokens": (
+        "scoring generates no text (the original scripts ignored the flag)",
+        "drop the flag",
+    ),
+    "--load-8bit": (
+        "8-bit/4-bit bitsandbytes loading is not supported (scores would differ from the released model)",
+        "use --dtype bfloat16 or --dtype float16",
+    ),
+    "--load-4bit": (
+        "8-bit/4-bit bitsandbytes loading is not supported (scores would differ from the released model)",
+        "use --dtype bfloat16 or --dtype float16",
+    ),
+    "--debug": ("there is no separate debug mode", "use `unifilter -v score ...` or UNIFILTER_DEBUG=1"),
+}
+_VALUE_FLAGS = ("--model-base", "--conv-mode", "--temperature", "--max-new-tokens")
+
+
+def _add_original_flags(p: argparse.ArgumentParser) -> None:
+    """The original scripts' other flags: ``--workers``, ``--num-gpus``, ``--max-len`` mapped, the rest refused."""
+    p.add_argument(
+        "--workers", type=int, dest="num_workers", default=None, help="the original's name for --num-workers"
+    )
+    p.add_argument(
+        "--num-gpus",
+        type=int,
+        default=None,
+        help="GPUs in the whole fleet (the original's flag): --gpu-id must be below it",
+    )
+    p.add_argument(
+        "--max-len",
+        type=int,
+        default=None,
+        help="longest spliced sequence (text + image tokens); default the checkpoint's "
+        "tokenizer_model_max_length. Captions are still capped at 75 ids (EOS kept), as in the original",
+    )
+    for flag in REFUSED_FLAGS:
+        kwargs: dict[str, Any] = {"nargs": 1} if flag in _VALUE_FLAGS else {"action": "store_true"}
+        p.add_argument(flag, dest="refused_" + flag[2:].replace("-", "_"), help=argparse.SUPPRESS, **kwargs)
+
+
+def _check_refused(args: argparse.Namespace) -> None:
+    for flag, (why, instead) in REFUSED_FLAGS.items():
+        if getattr(args, "refused_" + flag[2:].replace("-", "_"), None):
+            raise CLIError(f"{flag} is not supported: {why}; {instead}")
+
+
 def _add_flags(p: argparse.ArgumentParser, kind: str) -> None:
-    p.add_argument("--model-path", required=True, help="checkpoint folder (config.json + model.safetensors)")
+    p.add_argument(
+        "--model-path",
+        required=True,
+        help="checkpoint folder (config.json + model.safetensors), or a hub id (owner/name) already in the "
+        "local Hugging Face cache",
+    )
     p.add_argument("--tar-file-path", required=True, help="folder of <number>.tar shards, or one .tar file")
     p.add_argument("--gpu-id", type=int, default=0, help="block index I: the tars with ids in [I*N, (I+1)*N)")
     p.add_argument("--batch-size", type=int, default=_DEFAULT_BATCH[kind], help="samples per model call")
@@ -104,6 +166,14 @@ def _add_flags(p: argparse.ArgumentParser, kind: str) -> None:
         help="torch.compile the vision tower with this mode (e.g. max-autotune-no-cudagraphs); GPU only",
     )
     p.add_argument("--vision-batch-size", type=int, default=None, help="images per vision-tower call")
+    p.add_argument(
+        "--image-aspect-ratio",
+        choices=("pad", "resize"),
+        default=None,
+        help="pad images to a grey square (training) or stretch them (the original scorer); "
+        "default: the checkpoint's image_aspect_ratio",
+    )
+    _add_original_flags(p)
 
 
 def resolve_device(device: str, gpu_id: int) -> str:
@@ -130,6 +200,15 @@ def resolve_device(device: str, gpu_id: int) -> str:
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
+    _check_refused(args)
+    if args.num_gpus is not None and args.num_gpus < 1:
+        raise CLIError(f"--num-gpus must be >= 1, got {args.num_gpus}")
+    if args.num_gpus is not None and args.gpu_id >= args.num_gpus:
+        raise CLIError(
+            f"--gpu-id {args.gpu_id} is outside the fleet of --num-gpus {args.num_gpus} (ids 0..N-1)"
+        )
+    if args.max_len is not None and args.max_len < 1:
+        raise CLIError(f"--max-len must be >= 1, got {args.max_len}")
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.gpu_id < 0:
@@ -202,12 +281,28 @@ def _output_dir(args: argparse.Namespace, source: str, input_dir: Path) -> Path:
     return out
 
 
+def _tolerant_path(path: str) -> str:
+    """``path``, or ``path`` without trailing whitespace when only that exists.
+
+    The original README's commands end a path with ``\\ `` before the line break, which the shell turns into a
+    trailing space (``data/datacomp/medium_vanilla_filter ``).
+    """
+    stripped = path.rstrip()
+    if stripped != path and not Path(path).expanduser().exists() and Path(stripped).expanduser().exists():
+        logger.warning(
+            "--tar-file-path %r does not exist; using %r (trailing whitespace removed)", path, stripped
+        )
+        return stripped
+    return path
+
+
 def _plan(args: argparse.Namespace) -> _Plan:
     """Discover the block of tars, the output folder and the source name (all checks before any work)."""
     from unifilter_core.paths import shard_id
     from unifilter_core.scoring.discovery import block_ids, discover_tars, select_block
 
     _check_numbers(args)
+    args.tar_file_path = _tolerant_path(args.tar_file_path)
     _check_checkpoint(args.model_path)
     try:
         tars = discover_tars(args.tar_file_path)
@@ -250,6 +345,8 @@ def _load(args: argparse.Namespace, device: str, dtype: str) -> Any:
             packing=packing,
             compile_vision=args.compile_vision if device != "cpu" else None,
             vision_batch_size=args.vision_batch_size,
+            image_aspect_ratio=args.image_aspect_ratio,
+            max_length=args.max_len,
         )
     except Exception as exc:  # safetensors, json, torch and config errors: a bad checkpoint, one line
         logger.debug("checkpoint load failed", exc_info=True)
