@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from filelock import FileLock, Timeout
+
 from unifilter_core.data.limits import ReaderLimits
 from unifilter_core.data.tars import is_unsafe_member_name, iter_raw_samples, split_key
 from unifilter_core.records import Reason
@@ -79,6 +81,32 @@ def _check_destination(out_path: str | os.PathLike[str]) -> Path:
     return out
 
 
+@contextlib.contextmanager
+def exclusive_lock(lock_path: str | os.PathLike[str], holder: str) -> Iterator[None]:
+    """Hold an exclusive ``filelock`` on ``lock_path`` (created when missing) for the block, across processes.
+
+    When another process holds it, logs "waiting for <holder>" once and blocks until it is free. The lock file
+    is removed while still held, so no lock files pile up next to the outputs: a process that was waiting on
+    the removed file notices (``filelock`` checks the link count after locking) and locks a fresh one.
+
+    Raises:
+        OSError: the lock file cannot be created (read-only folder, permissions).
+    """
+    path = Path(lock_path)
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        logger.warning("waiting for %s (lock %s)", holder, path)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        lock.release()
+
+
 STALE_TEMP_SECONDS = 600.0
 
 
@@ -88,7 +116,8 @@ def remove_stale_temp_files(
     """Delete ``.<name>.*.tmp`` files a killed writer of ``out_path`` left behind.
 
     Only temporaries untouched for ``older_than_s`` seconds are removed, so a writer still running (its file's
-    mtime moves as it writes) is never disturbed. Returns how many were removed.
+    mtime moves as it writes) is not disturbed; ``older_than_s=0`` (everything) is only safe while holding the
+    output's lock (``atomic_output(..., lock=True)``). Returns how many were removed.
     """
     out = Path(out_path)
     if not out.parent.is_dir():
@@ -97,26 +126,46 @@ def remove_stale_temp_files(
     cutoff = time.time() - older_than_s
     for tmp in out.parent.glob(f".{glob.escape(out.name)}.*.tmp"):
         with contextlib.suppress(OSError):
-            if tmp.is_file() and tmp.stat().st_mtime < cutoff:
+            if tmp.is_file() and (older_than_s <= 0 or tmp.stat().st_mtime < cutoff):
                 tmp.unlink()
                 removed += 1
                 logger.info("removed stale temporary file %s", tmp)
     return removed
 
 
+def lock_path_for(out_path: str | os.PathLike[str]) -> Path:
+    """The hidden lock file of an output: ``00000001.tar`` -> ``.00000001.tar.lock`` (same folder)."""
+    out = Path(out_path)
+    return out.with_name(f".{out.name}.lock")
+
+
 @contextlib.contextmanager
-def atomic_output(out_path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+def atomic_output(out_path: str | os.PathLike[str], *, lock: bool = False) -> Iterator[BinaryIO]:
     """Open a temporary file next to ``out_path``; on success fsync it and rename it to ``out_path``.
 
     The parent folder is created if needed. On an exception the temporary file is removed and the exception
     propagates; ``out_path`` is untouched.
+
+    Args:
+        out_path: the file to write.
+        lock: hold the output's lock (:func:`lock_path_for`) for the whole write, so writers of one output run
+            one at a time; every temporary file of the output found under the lock is stale and removed. Without
+            it only temporaries untouched for :data:`STALE_TEMP_SECONDS` are removed.
 
     Raises:
         ValueError: when ``out_path`` is a directory or names no file.
     """
     out = _check_destination(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_files(out)
+    with contextlib.ExitStack() as stack:
+        if lock:
+            stack.enter_context(exclusive_lock(lock_path_for(out), f"another writer of {out}"))
+        remove_stale_temp_files(out, older_than_s=0.0 if lock else STALE_TEMP_SECONDS)
+        yield stack.enter_context(_temp_then_rename(out))
+
+
+@contextlib.contextmanager
+def _temp_then_rename(out: Path) -> Iterator[BinaryIO]:
     tmp: Path | None = None
     try:
         with tempfile.NamedTemporaryFile(
@@ -197,7 +246,9 @@ def write_filtered_tar(
     written: set[str] = set()
     seen: set[str] = set()
     with (
-        atomic_output(out) as handle,
+        atomic_output(
+            out, lock=True
+        ) as handle,  # a second writer of `out` waits; stale temps go under the lock
         tarfile.open(fileobj=handle, mode="w", format=tarfile.PAX_FORMAT) as tar,
     ):
         for raw in iter_raw_samples(src, limits=limits):

@@ -8,6 +8,16 @@ Flow for one tar (see ``pipeline.py`` for the workers, ``batching.py`` for bucke
 
 Memory is bounded by a window plus the workers' queues, whatever the tar size. Every sample yields exactly one
 row (``ok``, ``skipped`` or ``error`` with a reason code); a failing model batch is retried sample by sample.
+
+Isolation, so one bad sample never costs its tar and no sample vanishes:
+
+* an exception while preparing a sample is that sample's ``internal_error`` row (``pipeline.prepare_item``);
+* a decode worker that dies (OOM killer, segfault) costs the chunk in flight, whose samples are retried alone;
+  a sample that kills its process again is a ``worker_crash`` row (``pipeline.DecodePool``);
+* after the table is written an independent header walk of the tar (``data.listing``) is compared with the
+  keys written; the manifest's ``listing`` records the result (``missing_keys`` must be 0);
+* in :func:`score_tars`, a tar that still fails yields a summary with ``error`` and the block goes on;
+* one lock file per table serialises runs scoring the same tar into the same folder.
 """
 
 from __future__ import annotations
@@ -28,10 +38,13 @@ from tqdm.auto import tqdm
 
 import unifilter_core
 from unifilter_core.data import tar_fingerprint
+from unifilter_core.data.listing import list_tar_samples
+from unifilter_core.data.text import escape_unencodable
 from unifilter_core.paths import partition_key as make_partition_key
 from unifilter_core.scoring.batching import BatchRunner
 from unifilter_core.scoring.config import SampleKind, ScoringConfig, canonical_config, scorer_dtype
-from unifilter_core.scoring.pipeline import DecodePool, SampleItem, iter_items
+from unifilter_core.scoring.output import OutputError, output_errors
+from unifilter_core.scoring.pipeline import DecodePool, SampleItem, iter_items, short_error
 from unifilter_core.scoring.table import (
     MANIFEST_FORMAT_VERSION,
     Counts,
@@ -43,6 +56,7 @@ from unifilter_core.scoring.table import (
     is_complete,
     manifest_path_for,
     read_manifest,
+    table_lock,
     table_paths,
     write_manifest,
 )
@@ -65,6 +79,7 @@ class TarScoreSummary:
         by_reason: row counts by reason code.
         wall_s: seconds spent scoring (0 when resumed).
         model_s: seconds inside ``scorer.forward``.
+        error: why the tar could not be scored (no table was written), else None.
     """
 
     tar_path: Path
@@ -77,6 +92,12 @@ class TarScoreSummary:
     by_reason: dict[str, int] = field(default_factory=dict)
     wall_s: float = 0.0
     model_s: float = 0.0
+    error: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        """True when the tar could not be scored (see ``error``)."""
+        return self.error is not None
 
     @property
     def samples_per_s(self) -> float:
@@ -84,6 +105,8 @@ class TarScoreSummary:
 
     def describe(self) -> str:
         """One line for humans: ``00000042.tar: 1000 rows (ok 990, skipped 4, error 6), 123.4 samples/s``."""
+        if self.error is not None:
+            return f"{self.tar_path.name}: FAILED, no table written: {self.error}"
         counts = ", ".join(f"{s} {self.by_status.get(s, 0)}" for s in ("ok", "skipped", "error"))
         tail = "up to date, skipped" if self.resumed else f"{self.samples_per_s:.1f} samples/s"
         return f"{self.tar_path.name}: {self.rows} rows ({counts}), {tail}"
@@ -117,7 +140,7 @@ def _score_window(window: list[SampleItem], runner: BatchRunner, config: Scoring
     for item in window:
         result = item.failure if item.prepared is None else by_index[item.index]
         assert result is not None
-        rows.append(ScoreRow(item.key, item.uid, item.url, result))
+        rows.append(ScoreRow(item.key, item.uid, item.url, result, item.flags))
     return rows
 
 
@@ -149,20 +172,19 @@ def _progress_bar(desc: str, enabled: bool) -> Any:
     return tqdm(desc=desc, unit="sample", disable=not (enabled and sys.stderr.isatty()), leave=False)
 
 
-def _build_manifest(
-    tar_path: Path, tar_fp: str, key: ManifestKey, canon: dict[str, Any], meta: dict[str, Any]
-) -> dict[str, Any]:
+def _build_manifest(job: _Job, meta: dict[str, Any]) -> dict[str, Any]:
     return {
         "format_version": MANIFEST_FORMAT_VERSION,
         "tar": {
-            "path": str(tar_path),
-            "name": tar_path.name,
-            "bytes": tar_path.stat().st_size,
-            "fingerprint": tar_fp,
+            "path": str(job.tar),  # as given (absolute), never resolved: a symlinked shard keeps its name
+            "resolved_path": str(job.tar.resolve()),
+            "name": job.tar.name,
+            "bytes": job.tar.stat().st_size,
+            "fingerprint": job.key.tar_fingerprint,
         },
-        "model_fingerprint": key.model_fingerprint,
-        "config": canon,
-        "config_hash": key.config_hash,
+        "model_fingerprint": job.key.model_fingerprint,
+        "config": job.canon,
+        "config_hash": job.key.config_hash,
         "code_version": unifilter_core.__version__,
         **meta,
     }
@@ -218,11 +240,18 @@ def score_tar(
     Returns:
         A :class:`TarScoreSummary`.
 
+    Identity: the tar is named as given (made absolute, symlinks not resolved), so a symlinked shard
+    ``00000007.tar -> 00000000.tar`` is partition ``<source>_0007``; its fingerprint reads through the link.
+
+    Concurrency: the table's lock file (:func:`~unifilter_core.scoring.table.table_lock`) is held while
+    scoring; a second run on the same table waits, then finds it complete and skips it.
+
     Raises:
         ValueError: bad arguments (unknown kind, output path not ending in ``.parquet``, missing tar).
-        WorkerCrashed: a decode worker died; no table is written.
+        WorkerCrashed: the tar cannot be read to its end (a sample that kills a worker only costs its row).
+        OutputError: the table, manifest or lock cannot be written (disk full, read-only, permissions).
     """
-    tar = Path(tar_path).resolve()
+    tar = Path(os.path.abspath(tar_path))  # not resolve(): a symlinked shard keeps its own name and partition
     table = Path(out_path)
     if not tar.is_file():
         raise ValueError(f"tar {str(tar)!r} does not exist")
@@ -233,59 +262,71 @@ def score_tar(
     pkey = partition_key or make_partition_key(source, tar)
     manifest_path = manifest_path_for(table)
     canon = canonical_config(kind, config, scorer)
-    tar_fp = tar_fingerprint(tar)
-    key = ManifestKey(tar_fp, str(scorer.model_fingerprint), config_hash(canon))
+    key = ManifestKey(tar_fingerprint(tar), str(scorer.model_fingerprint), config_hash(canon))
     if not force and is_complete(table, key):
         logger.info("%s is up to date (%s), skipping", table.name, pkey)
         return _summary_from_manifest(tar, table, manifest_path, pkey)
 
-    table.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temp_files(table.parent, table.name.split(".")[0])
-    own_pool = pool is None and config.num_workers > 0
-    if own_pool:
-        pool = DecodePool(scorer.processor, config)
-    try:
-        return _score(
-            tar, table, manifest_path, scorer, kind, source, pkey, config, progress, pool, key, canon
-        )
-    finally:
-        if own_pool and pool is not None:
-            pool.close()
+    with output_errors(table.parent):
+        table.parent.mkdir(parents=True, exist_ok=True)
+    with table_lock(table):
+        if not force and is_complete(table, key):  # another run finished it while this one waited
+            logger.info("%s was completed by another run (%s), skipping", table.name, pkey)
+            return _summary_from_manifest(tar, table, manifest_path, pkey)
+        clean_stale_temp_files(table.parent, table.name.split(".")[0])  # only under the lock: no live writer
+        own_pool = pool is None and config.num_workers > 0
+        if own_pool:
+            pool = DecodePool(scorer.processor, config)
+        try:
+            job = _Job(tar, table, manifest_path, kind, source, pkey, key, canon)
+            return _score(job, scorer, config, progress, pool)
+        finally:
+            if own_pool and pool is not None:
+                pool.close()
+
+
+@dataclass(slots=True)
+class _Job:
+    """What one :func:`score_tar` call scores and where it writes."""
+
+    tar: Path
+    table: Path
+    manifest_path: Path
+    kind: SampleKind
+    source: str
+    pkey: str
+    key: ManifestKey
+    canon: dict[str, Any]
 
 
 def _score(
-    tar: Path,
-    table: Path,
-    manifest_path: Path,
-    scorer: Any,
-    kind: SampleKind,
-    source: str,
-    pkey: str,
-    config: ScoringConfig,
-    progress: bool,
-    pool: DecodePool | None,
-    key: ManifestKey,
-    canon: dict[str, Any],
+    job: _Job, scorer: Any, config: ScoringConfig, progress: bool, pool: DecodePool | None
 ) -> TarScoreSummary:
     started_at = datetime.now(timezone.utc)
     start = time.perf_counter()
     runner = BatchRunner(scorer)
     counts = Counts()
+    written_keys: set[str] = set()
     if pool is not None:
-        items = pool.stream(tar, kind)
+        items = pool.stream(job.tar, job.kind)
     else:
-        items = iter_items(tar, kind, scorer.processor, config.reader_limits)
-    metadata = {"tar_fingerprint": key.tar_fingerprint, "config_hash": key.config_hash, "partition_key": pkey}
+        items = iter_items(job.tar, job.kind, scorer.processor, config.reader_limits)
+    key = job.key
+    metadata = {
+        "tar_fingerprint": key.tar_fingerprint,
+        "config_hash": key.config_hash,
+        "partition_key": job.pkey,
+    }
     with (
         ScoreTableWriter(
-            table,
-            source=source,
-            partition_key=pkey,
+            job.table,
+            source=job.source,
+            partition_key=job.pkey,
             model_fingerprint=key.model_fingerprint,
             metadata=metadata,
             row_group_size=config.row_group_size,
         ) as writer,
-        _progress_bar(tar.name, progress) as bar,
+        _progress_bar(job.tar.name, progress) as bar,
         _model_threads(scorer, config),
     ):
         try:
@@ -294,6 +335,7 @@ def _score(
                 writer.write(rows)
                 for row in rows:
                     counts.add(row.result)
+                    written_keys.add(escape_unencodable(row.key)[0])
                 bar.update(len(rows))
         finally:
             close = getattr(items, "close", None)
@@ -302,10 +344,10 @@ def _score(
         n_rows = writer.commit()
     wall_s = time.perf_counter() - start
     summary = TarScoreSummary(
-        tar,
-        table,
-        manifest_path,
-        pkey,
+        job.tar,
+        job.table,
+        job.manifest_path,
+        job.pkey,
         False,
         n_rows,
         counts.by_status,
@@ -314,11 +356,12 @@ def _score(
         runner.model_s,
     )
     meta = {
-        "source": source,
-        "partition_key": pkey,
-        "kind": str(kind),
-        "table": {"path": table.name, "rows": n_rows, "bytes": table.stat().st_size},
+        "source": job.source,
+        "partition_key": job.pkey,
+        "kind": str(job.kind),
+        "table": {"path": job.table.name, "rows": n_rows, "bytes": job.table.stat().st_size},
         "counts": {"status": counts.by_status, "reason": counts.by_reason},
+        "listing": listing_record(job.tar, written_keys),
         "timings": {
             "started_at": started_at.isoformat(),
             "finished_at": datetime.now(timezone.utc).isoformat(),
@@ -331,11 +374,56 @@ def _score(
             "dtype": scorer_dtype(scorer),
             "batch_size": config.batch_size,
             "num_workers": config.num_workers,
+            "worker_restarts": getattr(pool, "restarts", 0),
         },
     }
-    write_manifest(manifest_path, _build_manifest(tar, key.tar_fingerprint, key, canon, meta))
+    write_manifest(job.manifest_path, _build_manifest(job, meta))
     logger.info("%s", summary.describe())
     return summary
+
+
+MISSING_EXAMPLES = 5
+
+
+def listing_record(tar: Path, written_keys: set[str]) -> dict[str, Any]:
+    """The manifest's ``listing``: an independent header walk of the tar against the keys the table holds.
+
+    Args:
+        tar: the scored tar.
+        written_keys: the (escaped) keys of the table's rows.
+
+    Returns:
+        ``{"samples", "members", "missing_keys", "missing_examples" (at most 5, sorted), "error"}``;
+        ``missing_keys`` counts sample keys of the tar with no row (must be 0).
+    """
+    listing = list_tar_samples(tar)
+    missing = sorted(listing.keys - written_keys)
+    if missing:
+        logger.error(
+            "%s: %d sample key(s) of the tar have no row in the score table (e.g. %s); please report this",
+            tar.name,
+            len(missing),
+            ", ".join(repr(k) for k in missing[:MISSING_EXAMPLES]),
+        )
+    return {
+        "samples": listing.samples,
+        "members": listing.members,
+        "missing_keys": len(missing),
+        "missing_examples": missing[:MISSING_EXAMPLES],
+        "error": listing.error,
+    }
+
+
+def _failed_summary(
+    out: Path, tar_path: str | os.PathLike[str], source: str, exc: Exception
+) -> TarScoreSummary:
+    table, manifest = table_paths(out, tar_path)
+    try:
+        pkey = make_partition_key(source, tar_path)
+    except ValueError:
+        pkey = ""
+    tar = Path(os.path.abspath(tar_path))
+    return TarScoreSummary(tar, table, manifest, pkey, resumed=False, rows=0, error=short_error(exc))
 
 
 def score_tars(
@@ -352,7 +440,9 @@ def score_tars(
     """Score many tars into ``<out_dir>/<stem>.parquet``, sharing one set of decode workers.
 
     A generator: each summary is yielded as soon as its tar is done (the CLI prints them as they come).
-    Workers start only when a tar actually needs scoring.
+    Workers start only when a tar actually needs scoring. A tar that cannot be scored (any exception: a bad
+    tar, a reader bug) yields a summary with ``error`` set and no table, and the next tar is scored;
+    :class:`OutputError` (disk full, read-only output) and ``KeyboardInterrupt`` stop the block.
 
     Args:
         tar_paths: the shards, in the order to score them.
@@ -366,17 +456,25 @@ def score_tars(
     try:
         for tar_path in tar_paths:
             table, _ = table_paths(out, tar_path)
-            yield score_tar(
-                tar_path,
-                scorer,
-                table,
-                kind=kind,
-                source=source,
-                config=config,
-                progress=progress,
-                force=force,
-                pool=pool,
-            )
+            try:
+                summary = score_tar(
+                    tar_path,
+                    scorer,
+                    table,
+                    kind=kind,
+                    source=source,
+                    config=config,
+                    progress=progress,
+                    force=force,
+                    pool=pool,
+                )
+            except OutputError:
+                raise  # the output folder cannot take files: every later tar would fail the same way
+            except Exception as exc:  # one tar never stops the block: record it and go on
+                logger.error("%s could not be scored: %s", Path(tar_path).name, short_error(exc))
+                logger.debug("traceback of %s", tar_path, exc_info=True)
+                summary = _failed_summary(out, tar_path, source, exc)
+            yield summary
     finally:
         if pool is not None:
             pool.close()

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from unifilter_core.records import ScoreResult
+from unifilter_core.data.text import escape_unencodable
+from unifilter_core.data.writer import exclusive_lock
+from unifilter_core.records import Flag, ScoreResult
+from unifilter_core.scoring.output import output_errors
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +52,10 @@ SCORE_TABLE_SCHEMA = pa.schema(
         pa.field("truncated", pa.bool_(), nullable=False),
         pa.field("model_fingerprint", pa.string(), nullable=False),
         pa.field("detail", pa.string()),
+        # appended later (readers that select the columns above keep working)
+        pa.field("flags", pa.string()),
+        pa.field("quality_class", pa.int32()),
+        pa.field("expected_level", pa.float32()),
     ]
 )
 SCORE_TABLE_COLUMNS: tuple[str, ...] = tuple(SCORE_TABLE_SCHEMA.names)
@@ -63,12 +70,39 @@ class ScoreRow:
         uid: ``uid`` from the sample json when present.
         url: ``url`` from the sample json when present.
         result: the outcome (score or failure reason).
+        flags: :class:`~unifilter_core.records.Flag` codes of the sample (merged with ``result.flags``).
     """
 
     key: str
     uid: str | None
     url: str | None
     result: ScoreResult
+    flags: list[str] = field(default_factory=list)
+
+
+def _safe(value: str | None) -> str | None:
+    """A string pyarrow can always write (lone surrogates escaped), the last line of defence."""
+    return None if value is None else escape_unencodable(str(value))[0]
+
+
+def _row_fields(row: ScoreRow) -> tuple[str, str | None, str | None, str | None]:
+    """``(key, uid, url, flags)`` of a row, escaped; escaping a key/uid/url adds its flag."""
+    flags = {str(f) for f in (*row.flags, *row.result.flags)}
+    values = []
+    for value, flag in (
+        (row.key, Flag.KEY_ESCAPED),
+        (row.uid, Flag.UID_ESCAPED),
+        (row.url, Flag.URL_ESCAPED),
+    ):
+        if value is None:
+            values.append(None)
+            continue
+        text, changed = escape_unencodable(str(value))
+        if changed:
+            flags.add(str(flag))
+        values.append(text)
+    joined = ",".join(sorted(_safe(f) or "" for f in flags)) or None
+    return values[0] or "", values[1], values[2], joined
 
 
 def table_paths(out_dir: str | os.PathLike[str], tar_path: str | os.PathLike[str]) -> tuple[Path, Path]:
@@ -115,18 +149,44 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     final = Path(path)
     tmp = _temp_name(final)
     try:
-        tmp.write_text(text, encoding="utf-8")
-        _commit(tmp, final)
+        with output_errors(final):
+            tmp.write_text(text, encoding="utf-8")
+            _commit(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def lock_path_for(parquet_path: str | os.PathLike[str]) -> Path:
+    """The hidden lock file of a score table: ``00000042.parquet`` -> ``.00000042.lock`` (same folder)."""
+    path = Path(parquet_path)
+    return path.with_name(f".{path.name.split('.')[0]}.lock")
+
+
+@contextlib.contextmanager
+def table_lock(parquet_path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold the table's lock file for the block: one run at a time scores one table.
+
+    A second run on the same table (the CLI twice, two Dagster runs of one partition) waits here, logging
+    "waiting for another run scoring <table>". See :func:`unifilter_core.data.writer.exclusive_lock`.
+
+    Raises:
+        OutputError: the lock file cannot be created (read-only folder, permissions, disk full).
+    """
+    path = Path(parquet_path)
+    lock = lock_path_for(path)
+    with contextlib.ExitStack() as stack:
+        with output_errors(lock):  # only the lock's own errors: an unreadable tar is not an output error
+            stack.enter_context(exclusive_lock(lock, f"another run scoring {path}"))
+        yield
 
 
 def clean_stale_temp_files(out_dir: str | os.PathLike[str], stem: str | None = None) -> list[Path]:
     """Delete temporary files left by crashed writers (all of them, or only those of tar ``stem``).
 
     Only names this module creates (``.<stem>.parquet.tmp-*`` / ``.<stem>.manifest.json.tmp-*``) are touched.
-    Two processes must not score the same tar into the same folder at once (their blocks never overlap).
+    Call it for one ``stem`` only while holding :func:`table_lock` of that table: a run scoring the same tar
+    into the same folder holds the lock for as long as its temporary files live.
 
     Returns:
         The deleted paths.
@@ -142,6 +202,14 @@ def clean_stale_temp_files(out_dir: str | os.PathLike[str], stem: str | None = N
             removed.append(path)
             logger.info("removed stale temporary file %s", path)
     return removed
+
+
+def _opt_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 class ScoreTableWriter:
@@ -175,13 +243,22 @@ class ScoreTableWriter:
         self.final_path = Path(final_path)
         self.tmp_path = _temp_name(self.final_path)
         self._constants = {
-            "source": source,
-            "partition_key": partition_key,
-            "model_fingerprint": model_fingerprint,
+            "source": _safe(source),
+            "partition_key": _safe(partition_key),
+            "model_fingerprint": _safe(model_fingerprint),
         }
-        schema = SCORE_TABLE_SCHEMA.with_metadata({f"unifilter.{k}": v for k, v in (metadata or {}).items()})
+        schema = SCORE_TABLE_SCHEMA.with_metadata(
+            {f"unifilter.{k}": _safe(v) or "" for k, v in (metadata or {}).items()}
+        )
         self._schema = schema
-        self._writer: pq.ParquetWriter | None = pq.ParquetWriter(self.tmp_path, schema, compression="zstd")
+        try:
+            with output_errors(self.final_path):
+                self._writer: pq.ParquetWriter | None = pq.ParquetWriter(
+                    self.tmp_path, schema, compression="zstd"
+                )
+        except BaseException:
+            self.tmp_path.unlink(missing_ok=True)
+            raise
         self._buffer: list[ScoreRow] = []
         self._row_group_size = row_group_size
         self.rows_written = 0
@@ -206,24 +283,29 @@ class ScoreTableWriter:
         if self._writer is None:
             raise RuntimeError("ScoreTableWriter is closed")
         n = len(rows)
+        ids = [_row_fields(r) for r in rows]
         columns: dict[str, list[Any]] = {
-            "key": [r.key for r in rows],
-            "uid": [r.uid for r in rows],
-            "url": [r.url for r in rows],
+            "key": [i[0] for i in ids],
+            "uid": [i[1] for i in ids],
+            "url": [i[2] for i in ids],
             "score": [r.result.score for r in rows],
             "status": [str(r.result.status) for r in rows],
             "reason": [None if r.result.reason is None else str(r.result.reason) for r in rows],
             "n_images": [int(r.result.n_images) for r in rows],
             "n_tokens": [int(r.result.n_tokens) for r in rows],
             "truncated": [bool(r.result.truncated) for r in rows],
-            "detail": [r.result.detail for r in rows],
+            "detail": [_safe(r.result.detail) for r in rows],
+            "flags": [i[3] for i in ids],
+            "quality_class": [_opt_int(r.result.quality_class) for r in rows],
+            "expected_level": [_opt_float(r.result.expected_level) for r in rows],
         }
         for name, value in self._constants.items():
             columns[name] = [value] * n
         table = pa.Table.from_pydict(
             {name: columns[name] for name in SCORE_TABLE_COLUMNS}, schema=self._schema
         )
-        self._writer.write_table(table)
+        with output_errors(self.final_path):
+            self._writer.write_table(table)
         self.rows_written += n
 
     def commit(self) -> int:
@@ -231,9 +313,10 @@ class ScoreTableWriter:
         self._flush(self._buffer)
         self._buffer.clear()
         assert self._writer is not None, "commit() called twice"
-        self._writer.close()
-        self._writer = None
-        _commit(self.tmp_path, self.final_path)
+        with output_errors(self.final_path):
+            self._writer.close()
+            self._writer = None
+            _commit(self.tmp_path, self.final_path)
         return self.rows_written
 
     def abort(self) -> None:
