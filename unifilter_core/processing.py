@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from unifilter_core.data.limits import DEFAULT_MAX_PIXELS
 from unifilter_core.records import Reason, SampleFailure
 
 logger = logging.getLogger(__name__)
@@ -33,13 +34,39 @@ IMAGE_TOKEN = "<image>"
 IMAGE_PLACEHOLDER = "<image-placeholder>"  # a literal "<image>" inside document text becomes this
 PAD_COLOR = (127, 127, 127)  # int(0.5 * 255) per channel: the tower's image mean
 DOC_SLOT_SEPARATOR = "\n\n"
+# ProcessingConfig fields that come from the vision tower's image-processor config
+_TOWER_FIELDS = ("resample", "rescale_factor", "image_mean", "image_std")
 
 
 class AspectMode(str, Enum):
-    """How a non-square image becomes square before the bicubic resize."""
+    """How a non-square image becomes square before the resize to the tower size."""
 
     PAD = "pad"  # expand to a square with PAD_COLOR, image centred (training)
     RESIZE = "resize"  # stretch (the original scorer)
+
+
+#: Aspect names other code writes, and the mode they mean: LLaVA's default ``"square"`` (what checkpoints trained
+#: with the original code without ``--image_aspect_ratio pad`` say) stretches, like ``resize``.
+ASPECT_ALIASES: dict[str, str] = {"square": AspectMode.RESIZE.value}
+
+#: PIL resampling filters a processor config may name (``resample`` in ``preprocessor_config.json``).
+RESAMPLE_FILTERS: dict[int, str] = {int(f): f.name.lower() for f in Image.Resampling}
+
+
+def normalize_aspect(value: str | None) -> str | None:
+    """``"square"`` -> ``"resize"`` (see :data:`ASPECT_ALIASES`); other values unchanged."""
+    return ASPECT_ALIASES.get(value, value) if isinstance(value, str) else value
+
+
+def pixel_cost(width: int, height: int, aspect: str) -> int:
+    """Pixels the preprocessing allocates for a ``width`` x ``height`` image before the resize.
+
+    ``pad`` builds a ``max(w, h)`` square (a 2x40000 image costs 1.6e9 pixels), ``resize`` works on the image.
+    """
+    if aspect == AspectMode.PAD.value:
+        side = max(width, height)
+        return side * side
+    return width * height
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +83,13 @@ class ProcessingConfig:
         max_images: documents with more images are skipped (``too_many_images``).
         max_text_tokens: documents whose id sequence before splicing (BOS + text + one id per image + EOS, what
             the original compared with 6000) is longer are skipped (``too_many_tokens``).
+        max_pixels: most pixels one image may cost before the resize (:func:`pixel_cost`: ``max(w, h)^2`` in
+            pad mode, ``w * h`` in resize mode); a caption image over it is ``image_too_large`` (skipped), a
+            document image over it is dropped with its slot. Checked before anything is allocated.
+        resample: PIL resampling filter of the resize to ``image_size`` (3 bicubic: SigLIP; 2 bilinear: SigLIP2).
+        rescale_factor: pixel values are multiplied by this (1/255).
+        image_mean: per-channel mean subtracted after rescaling; the pad colour is ``int(mean * 255)``.
+        image_std: per-channel divisor after the mean.
     """
 
     image_aspect_ratio: str = "pad"
@@ -65,11 +99,21 @@ class ProcessingConfig:
     caption_max_tokens: int | None = 75
     max_images: int | None = 10
     max_text_tokens: int | None = 6000
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    resample: int = int(Image.Resampling.BICUBIC)
+    rescale_factor: float = 1 / 255
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
     def __post_init__(self) -> None:
         modes = [m.value for m in AspectMode]
+        if self.image_aspect_ratio in ASPECT_ALIASES:
+            object.__setattr__(self, "image_aspect_ratio", ASPECT_ALIASES[self.image_aspect_ratio])
         if self.image_aspect_ratio not in modes:
-            raise ValueError(f"image_aspect_ratio={self.image_aspect_ratio!r} is not one of {modes}")
+            raise ValueError(
+                f"image_aspect_ratio={self.image_aspect_ratio!r} is not one of {modes} "
+                f"(or an alias: {', '.join(ASPECT_ALIASES)})"
+            )
         for name in ("image_size", "num_image_tokens"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
@@ -78,25 +122,53 @@ class ProcessingConfig:
                 f"max_length={self.max_length!r} cannot hold BOS + one image ({self.num_image_tokens} tokens) + EOS; "
                 f"use at least {self.num_image_tokens + 2}"
             )
-        limits = {"caption_max_tokens": 3, "max_images": 0, "max_text_tokens": 2}
+        limits = {"caption_max_tokens": 3, "max_images": 0, "max_text_tokens": 2, "max_pixels": 1}
         for name, low in limits.items():
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < low):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
                 raise ValueError(f"{name} must be None (no limit) or an int >= {low}, got {value!r}")
+        self._check_normalization()
+
+    def _check_normalization(self) -> None:
+        if self.resample not in RESAMPLE_FILTERS:
+            raise ValueError(f"resample={self.resample!r} is not a PIL filter; use one of {RESAMPLE_FILTERS}")
+        if not isinstance(self.rescale_factor, (int, float)) or not 0 < self.rescale_factor <= 1:
+            raise ValueError(f"rescale_factor must be a number in (0, 1], got {self.rescale_factor!r}")
+        for name in ("image_mean", "image_std"):
+            values = getattr(self, name)
+            if len(values) != 3 or not all(isinstance(v, (int, float)) for v in values):
+                raise ValueError(f"{name} must be 3 numbers (one per RGB channel), got {values!r}")
+            object.__setattr__(self, name, tuple(float(v) for v in values))
+        if any(v <= 0 for v in self.image_std):
+            raise ValueError(f"image_std must be positive, got {self.image_std!r}")
+
+    @property
+    def pad_color(self) -> tuple[int, int, int]:
+        """Colour of the padding in pad mode: the image mean in 8-bit (LLaVA's ``expand2square`` rule)."""
+        return tuple(int(m * 255) for m in self.image_mean)  # type: ignore[return-value]
 
     @classmethod
     def from_model_config(cls, config: Any, **overrides: Any) -> ProcessingConfig:
         """Build from a model config (``image_aspect_ratio``, ``num_image_tokens``, ``vision_config.image_size``,
         ``tokenizer_model_max_length``); keyword overrides whose value is ``None`` are ignored for the
-        checkpoint-derived fields (aspect, size, tokens, max_length) and applied as given for the limits."""
+        checkpoint-derived fields (aspect, size, tokens, max_length) and applied as given for the limits and the
+        image-processor fields (``resample``, ``rescale_factor``, ``image_mean``, ``image_std``)."""
         base = cls(
-            image_aspect_ratio=getattr(config, "image_aspect_ratio", None) or "pad",
+            image_aspect_ratio=normalize_aspect(getattr(config, "image_aspect_ratio", None)) or "pad",
             image_size=int(config.vision_config.image_size),
             num_image_tokens=int(config.num_image_tokens),
             max_length=int(getattr(config, "tokenizer_model_max_length", None) or 4096),
         )
-        from_checkpoint = {"image_aspect_ratio", "image_size", "num_image_tokens", "max_length"}
+        from_checkpoint = {
+            "image_aspect_ratio",
+            "image_size",
+            "num_image_tokens",
+            "max_length",
+            *_TOWER_FIELDS,
+        }
         kept = {k: v for k, v in overrides.items() if not (k in from_checkpoint and v is None)}
+        if "image_aspect_ratio" in kept:
+            kept["image_aspect_ratio"] = normalize_aspect(kept["image_aspect_ratio"])
         return replace(base, **kept)
 
 
@@ -230,19 +302,41 @@ class UniFilterProcessor:
         return len(input_ids) + n_images * (self.config.num_image_tokens - 1)
 
     # ----------------------------------------------------------------------------------------------- images
+    def too_large(self, image: Image.Image) -> SampleFailure | None:
+        """``image_too_large`` when preprocessing ``image`` would cost more than ``max_pixels`` (nothing is
+        allocated to find out), else None."""
+        limit = self.config.max_pixels
+        width, height = image.size
+        cost = pixel_cost(width, height, self.config.image_aspect_ratio)
+        if limit is None or cost <= limit:
+            return None
+        how = "padded to a square" if self.config.image_aspect_ratio == AspectMode.PAD.value else "as is"
+        return SampleFailure(
+            Reason.IMAGE_TOO_LARGE,
+            detail=f"{width}x{height} image costs {cost} pixels {how} > max_pixels={limit}",
+            n_images=1,
+        )
+
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
-        """RGB -> pad|resize to square -> PIL bicubic to ``image_size`` -> /255 -> (x - 0.5) / 0.5.
+        """RGB -> pad|resize to square -> PIL ``resample`` to ``image_size`` -> x rescale -> (x - mean) / std.
 
         Returns:
             ``[3, image_size, image_size]`` float32.
+
+        Raises:
+            ValueError: the image costs more than ``max_pixels`` (callers check :meth:`too_large` first).
         """
+        failure = self.too_large(image)
+        if failure is not None:
+            raise ValueError(failure.detail)
+        config = self.config
         rgb = to_rgb(image)
-        if self.config.image_aspect_ratio == AspectMode.PAD.value:
-            rgb = expand_to_square(rgb)
-        size = self.config.image_size
-        resized = rgb.resize((size, size), resample=Image.Resampling.BICUBIC)
-        arr = np.asarray(resized, dtype=np.float32) / np.float32(255.0)  # (H, W, 3)
-        arr = (arr - np.float32(0.5)) / np.float32(0.5)
+        if config.image_aspect_ratio == AspectMode.PAD.value:
+            rgb = expand_to_square(rgb, config.pad_color)
+        size = config.image_size
+        resized = rgb.resize((size, size), resample=Image.Resampling(config.resample))
+        arr = np.asarray(resized, dtype=np.float32) * np.float32(config.rescale_factor)  # (H, W, 3)
+        arr = (arr - np.asarray(config.image_mean, np.float32)) / np.asarray(config.image_std, np.float32)
         return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # (3, H, W)
 
     def _stack(self, images: list[Image.Image]) -> torch.Tensor | None:
@@ -266,6 +360,9 @@ class UniFilterProcessor:
         decoded = decode_image(image)
         if isinstance(decoded, SampleFailure):
             return decoded
+        too_large = self.too_large(decoded)
+        if too_large is not None:
+            return too_large
         ids = [
             self.bos_id,
             IMAGE_TOKEN_INDEX,
@@ -364,6 +461,10 @@ class UniFilterProcessor:
                     parts.notes.append(f"slot {i}: image dropped ({decoded.reason.value}: {decoded.detail})")
                 elif decoded.width == 1 or decoded.height == 1:
                     parts.notes.append(f"slot {i}: {decoded.width}x{decoded.height} image dropped")
+                elif (too_large := self.too_large(decoded)) is not None:
+                    parts.notes.append(
+                        f"slot {i}: image dropped ({too_large.reason.value}: {too_large.detail})"
+                    )
                 else:
                     parts.slots.append(IMAGE_TOKEN)
                     parts.images.append(decoded)
