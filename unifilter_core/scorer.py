@@ -16,7 +16,6 @@ rows with a reason code (``ScoreResult.status`` ``skipped`` or ``error``), in in
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import threading
@@ -147,7 +146,9 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ValueError(f"{folder} has no config.json; is it a UniFilter checkpoint folder?")
-    model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    from unifilter_core.modeling.checkpoint import read_config_json
+
+    model_type = read_config_json(config_file).get("model_type")
     if model_type not in ("llava_qwen", "llava_qwen3"):
         raise ValueError(
             f"{config_file} has model_type {model_type!r}; expected 'llava_qwen' or 'llava_qwen3'"
@@ -399,6 +400,11 @@ def _result(sample: PreparedSample, score: float | ScoreResult) -> ScoreResult:
     return ScoreResult(score=score, detail=sample.detail, **meta)
 
 
+def _tokenizer_ids(tokenizer: Any) -> dict[str, int]:
+    """The ids the processor writes into every sequence (bos, eos) and the padding id."""
+    return {f"tokenizer {name}": getattr(tokenizer, f"{name}_token_id") for name in ("bos", "eos", "pad")}
+
+
 def load_scorer(
     path: str | os.PathLike[str],
     device: str = "cpu",
@@ -465,12 +471,15 @@ def load_scorer(
     folder = resolve_checkpoint(path)
 
     from unifilter_core.modeling import UniFilterForQualityScoring, load_config
+    from unifilter_core.modeling.checkpoint import check_special_ids
     from unifilter_core.tokenization import load_tokenizer
 
     tokenizer = load_tokenizer(folder)
+    config = load_config(folder, vision_tower=vision_tower)
+    check_special_ids(config, source=f"tokenizer in {folder}", ids=_tokenizer_ids(tokenizer))
     processing = (
         ProcessingConfig.from_model_config(  # validates the limits against the config, before weights
-            load_config(folder, vision_tower=vision_tower),
+            config,
             image_aspect_ratio=options.image_aspect_ratio,
             max_length=options.max_length,
             caption_max_tokens=options.caption_max_tokens,

@@ -41,6 +41,98 @@ def bad_checkpoints(tmp_path: Path, rel_ckpt: Path) -> dict[str, tuple[Path, str
 CASES = ["missing", "empty", "no_weights", "qwen2", "clip"]
 
 
+def _copy_with(tmp_path: Path, ckpt: Path, name: str, **files: bytes) -> Path:
+    """A copy of ``ckpt`` with some files replaced by raw bytes (keys: file names with ``_`` for ``.``)."""
+    out = tmp_path / name
+    shutil.copytree(ckpt, out)
+    for key, data in files.items():
+        (out / key.replace("_", ".", 1).replace("_", ".")).write_bytes(data)
+    return out
+
+
+def _edited_config(ckpt: Path, **changes) -> bytes:
+    raw = json.loads((ckpt / "config.json").read_text())
+    return json.dumps({**raw, **changes}).encode()
+
+
+@pytest.fixture
+def bad_checkpoint_files(tmp_path: Path, rel_ckpt: Path) -> dict[str, tuple[Path, str, str]]:
+    """name -> (checkpoint folder, file the message must name, a regex the error must match)."""
+    weights = (rel_ckpt / "model.safetensors").read_bytes()
+    vocab = json.loads((rel_ckpt / "config.json").read_text())["vocab_size"]
+    config_cases = {
+        "config_list": (b"[]", r"holds a JSON list, not an object"),
+        "config_string": (b'"llava_qwen"', r"holds a JSON str, not an object"),
+        "config_garbage": (b"\x00\xffnot json{", r"is not a readable JSON file"),
+        "config_empty": (b"", r"is not a readable JSON file"),
+        "vocab_below_pad": (_edited_config(rel_ckpt, vocab_size=100), r"pad_token_id=\d+ does not fit vocab_size=100"),
+        "eos_out_of_range": (_edited_config(rel_ckpt, eos_token_id=vocab), rf"eos_token_id={vocab} does not fit"),
+        "tokenizer_out_of_range": (
+            _edited_config(rel_ckpt, vocab_size=200, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+            r"tokenizer in .*: tokenizer bos=\d+ does not fit vocab_size=200",
+        ),
+    }  # fmt: skip
+    weight_cases = {
+        "weights_empty": (b"", r"is not a readable safetensors file \(empty"),
+        "weights_garbage": (
+            b"this is not a safetensors file at all" * 4,
+            r"is not a readable safetensors file",
+        ),
+        "weights_truncated": (weights[: len(weights) // 2], r"truncated or corrupt"),
+        "weights_header_only": (weights[:8], r"is not a readable safetensors file"),
+    }
+    out = {}
+    for name, (data, pattern) in config_cases.items():
+        out[name] = (_copy_with(tmp_path, rel_ckpt, name, config_json=data), "config.json", pattern)
+    for name, (data, pattern) in weight_cases.items():
+        out[name] = (
+            _copy_with(tmp_path, rel_ckpt, name, model_safetensors=data),
+            "model.safetensors",
+            pattern,
+        )
+    return out
+
+
+FILE_CASES = [
+    "config_list",
+    "config_string",
+    "config_garbage",
+    "config_empty",
+    "vocab_below_pad",
+    "eos_out_of_range",
+    "tokenizer_out_of_range",
+    "weights_empty",
+    "weights_garbage",
+    "weights_truncated",
+    "weights_header_only",
+]
+
+
+@pytest.mark.parametrize("case", FILE_CASES)
+def test_bad_checkpoint_files_are_one_value_error(
+    bad_checkpoint_files, case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each broken file is one ValueError naming the file and the repair, raised before weights are used."""
+    import re
+
+    from unifilter_core.modeling import checkpoint as checkpoint_module
+    from unifilter_core.scorer import load_scorer
+
+    path, file_name, pattern = bad_checkpoint_files[case]
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built from a checkpoint with a broken file")
+
+    monkeypatch.setattr(checkpoint_module, "load_state_strict", no_model)
+    with pytest.raises(ValueError) as info:
+        load_scorer(path)
+    message = str(info.value)
+    assert re.search(pattern, message), message
+    assert file_name in message and ("re-download" in message or "save_pretrained" in message), message
+    error = info.value
+    assert error.__cause__ is None and (error.__context__ is None or error.__suppress_context__), "chained"
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_load_scorer_bad_checkpoints(bad_checkpoints, case: str) -> None:
     from unifilter_core.scorer import load_scorer

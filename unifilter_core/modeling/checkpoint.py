@@ -45,6 +45,7 @@ VISION_PREFIX = "model.vision_tower."
 LANGUAGE_PREFIX = "model.language_model."
 PROJECTOR_PREFIX = "model.mm_projector."
 SCORE_KEY = "score.weight"
+REPAIR_HINT = "re-download the checkpoint, or re-save it with save_pretrained (UniFilterForQualityScoring.save_pretrained)"
 # Options the Auto classes / hub callers pass along that mean nothing for a local, offline load.
 _IGNORED_LOAD_OPTIONS = frozenset(
     {"_from_auto", "_from_pipeline", "revision", "cache_dir", "local_files_only", "token", "force_download",
@@ -125,11 +126,58 @@ def load_config(path: str | os.PathLike[str], *, vision_tower: str | None = None
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
         raise ValueError(f"{directory} has no {CONFIG_NAME}; it is not a UniFilter checkpoint directory")
-    raw = json.loads(config_path.read_text(encoding="utf-8"))
+    raw = read_config_json(config_path)
     config_cls = config_class_for(raw.get("model_type"))
     if vision_tower is not None and "vision_config" not in raw:
         raw["vision_tower"] = vision_tower
-    return config_cls(**raw, name_or_path=str(directory))
+    config = config_cls(**raw, name_or_path=str(directory))
+    check_special_ids(config, source=str(config_path))
+    return config
+
+
+def read_config_json(path: Path) -> dict[str, Any]:
+    """The JSON object in a checkpoint's ``config.json``.
+
+    Raises:
+        ValueError: the file cannot be read, is not JSON, or holds something other than an object; the message
+            names the file and what to do.
+    """
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(
+            f"{path} is not a readable JSON file ({type(exc).__name__}: {exc}); {REPAIR_HINT}"
+        ) from None
+    if not isinstance(raw, dict):
+        raise ValueError(
+            f"{path} holds a JSON {type(raw).__name__}, not an object with the model config; {REPAIR_HINT}"
+        )
+    return raw
+
+
+def check_special_ids(config: UniFilterConfig, *, source: str, ids: Mapping[str, Any] | None = None) -> None:
+    """Refuse special token ids the embedding table cannot hold (they would fail at the first sample).
+
+    Args:
+        config: the model config (``text_config.vocab_size`` rows in the embedding).
+        source: where the ids come from, for the message (``config.json`` or a tokenizer folder).
+        ids: name -> id to check; default the config's pad/bos/eos ids.
+
+    Raises:
+        ValueError: an id is negative or >= ``vocab_size``.
+    """
+    vocab = int(config.text_config.vocab_size)
+    if ids is None:
+        ids = {name: getattr(config, name, None) for name in ("pad_token_id", "bos_token_id", "eos_token_id")}
+    for name, value in ids.items():
+        values = value if isinstance(value, list) else [value]
+        bad = [v for v in values if v is not None and not 0 <= int(v) < vocab]
+        if bad:
+            where = Path(config.name_or_path) / CONFIG_NAME if config.name_or_path else "the config"
+            raise ValueError(
+                f"{source}: {name}={value} does not fit vocab_size={vocab} of {where} (ids must be "
+                f"0..{vocab - 1}); the config and the tokenizer disagree: {REPAIR_HINT}"
+            )
 
 
 def _vision_state(

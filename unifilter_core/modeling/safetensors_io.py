@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 WEIGHTS_NAME = "model.safetensors"
@@ -14,6 +15,7 @@ WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 _PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
 # Not weights: a pickle of training arguments that the released checkpoint carries; it is ignored.
 _IGNORED = {"training_args.bin"}
+_REPAIR = "re-download it, or re-save the model with save_pretrained"
 
 
 def _pickle_files(directory: Path) -> list[str]:
@@ -37,13 +39,12 @@ def load_safetensors_dir(directory: Path, *, what: str) -> dict[str, torch.Tenso
         ValueError: when there are no safetensors weights; the message says when only pickle weights exist.
     """
     if (directory / WEIGHTS_NAME).is_file():
-        return load_file(directory / WEIGHTS_NAME, device="cpu")
+        return load_weights_file(directory / WEIGHTS_NAME)
     index = directory / WEIGHTS_INDEX_NAME
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
         state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            state.update(load_file(directory / shard, device="cpu"))
+        for shard in _shard_names(index):
+            state.update(load_weights_file(directory / shard))
         return state
     pickles = _pickle_files(directory)
     if pickles:
@@ -52,6 +53,36 @@ def load_safetensors_dir(directory: Path, *, what: str) -> dict[str, torch.Tenso
             f"arbitrary code). Convert them to safetensors ({WEIGHTS_NAME}) in a trusted environment first."
         )
     raise ValueError(f"{what} has no {WEIGHTS_NAME}")
+
+
+def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file, on CPU.
+
+    Raises:
+        ValueError: the file is missing, empty, truncated or not safetensors; the message names it and says to
+            re-download or re-save it.
+    """
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError) as exc:
+        size = path.stat().st_size if path.is_file() else None
+        what = "missing" if size is None else "empty" if size == 0 else f"{size} bytes, truncated or corrupt"
+        raise ValueError(f"{path} is not a readable safetensors file ({what}: {exc}); {_REPAIR}") from None
+
+
+def _shard_names(index: Path) -> list[str]:
+    """Shard file names listed in a sharded checkpoint's ``model.safetensors.index.json``."""
+    try:
+        weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(
+            f"{index} is not a valid safetensors index (a JSON object with a 'weight_map' of key -> shard file; "
+            f"{type(exc).__name__}: {exc}); {_REPAIR}"
+        ) from None
+    if not all(isinstance(n, str) and n and "/" not in n and "\\" not in n for n in names):
+        raise ValueError(f"{index} names shard files outside its folder or not as strings; {_REPAIR}")
+    return names
 
 
 def save_safetensors_atomic(state: dict[str, torch.Tensor], path: Path) -> None:
