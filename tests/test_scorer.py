@@ -313,3 +313,27 @@ def test_aspect_override_and_bfloat16(tiny_checkpoint: Path, make_image) -> None
     bf16 = [r.score for r in load_scorer(tiny_checkpoint, dtype="bfloat16").score_captions(pairs)]
     assert all(isinstance(x, float) for x in bf16)
     np.testing.assert_allclose(bf16, a, rtol=0, atol=0.1)
+
+
+def test_square_aspect_of_original_checkpoints_reads_as_resize(
+    tiny_checkpoint: Path, tmp_path: Path, make_image
+):
+    """LLaVA's default ``image_aspect_ratio: "square"`` (original training without ``pad``) stretches."""
+    ckpt = tmp_path / "square"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    raw = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**raw, "image_aspect_ratio": "square"}))
+    square = load_scorer(ckpt)
+    assert square.processor.config.image_aspect_ratio == "resize"
+    assert square.model.config.image_aspect_ratio == "resize"
+    pairs = [(make_image(40, 10, seed=i), c) for i, c in enumerate(CAPTIONS)]
+    stretched = [
+        r.score for r in load_scorer(tiny_checkpoint, image_aspect_ratio="resize").score_captions(pairs)
+    ]
+    assert [r.score for r in square.score_captions(pairs)] == stretched
+    # the override takes LLaVA's name too, and wins over the checkpoint
+    assert (
+        load_scorer(tiny_checkpoint, image_aspect_ratio="square").processor.config.image_aspect_ratio
+        == "resize"
+    )
+    assert load_scorer(ckpt, image_aspect_ratio="pad").processor.config.image_aspect_ratio == "pad"

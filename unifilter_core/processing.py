@@ -148,12 +148,23 @@ class ProcessingConfig:
         return tuple(int(m * 255) for m in self.image_mean)  # type: ignore[return-value]
 
     @classmethod
-    def from_model_config(cls, config: Any, **overrides: Any) -> ProcessingConfig:
+    def from_model_config(
+        cls, config: Any, *, vision_tower: str | None = None, **overrides: Any
+    ) -> ProcessingConfig:
         """Build from a model config (``image_aspect_ratio``, ``num_image_tokens``, ``vision_config.image_size``,
         ``tokenizer_model_max_length``); keyword overrides whose value is ``None`` are ignored for the
         checkpoint-derived fields (aspect, size, tokens, max_length) and applied as given for the limits and the
-        image-processor fields (``resample``, ``rescale_factor``, ``image_mean``, ``image_std``)."""
+        image-processor fields (``resample``, ``rescale_factor``, ``image_mean``, ``image_std``).
+
+        The image-processor fields follow the tower (``modeling.vision_tower.image_processor_settings``: the
+        ``preprocessor_config.json`` of ``vision_tower``, of the checkpoint folder or of a local ``mm_vision_tower``,
+        else the built-in preset of a known tower name, else SigLIP's values)."""
+        from unifilter_core.modeling.vision_tower import image_processor_settings
+
+        tower = image_processor_settings(config, vision_tower)
+        logger.info("image preprocessing from %s", tower.pop("source"))
         base = cls(
+            **tower,
             image_aspect_ratio=normalize_aspect(getattr(config, "image_aspect_ratio", None)) or "pad",
             image_size=int(config.vision_config.image_size),
             num_image_tokens=int(config.num_image_tokens),

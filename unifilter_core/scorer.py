@@ -32,6 +32,7 @@ from unifilter_core.processing import (
     PreparedSample,
     ProcessingConfig,
     UniFilterProcessor,
+    normalize_aspect,
 )
 from unifilter_core.records import Reason, SampleFailure, ScoreResult
 
@@ -90,8 +91,12 @@ class ScorerOptions:
                 f"device {self.device!r} requested but CUDA is not available here; use device='cpu'"
             )
         aspects = [m.value for m in AspectMode]
+        object.__setattr__(self, "image_aspect_ratio", normalize_aspect(self.image_aspect_ratio))
         if self.image_aspect_ratio is not None and self.image_aspect_ratio not in aspects:
-            raise ValueError(f"image_aspect_ratio must be None (follow the checkpoint) or one of {aspects}")
+            raise ValueError(
+                f"image_aspect_ratio must be None (follow the checkpoint) or one of {aspects} "
+                f"(or 'square', LLaVA's name for resize), got {self.image_aspect_ratio!r}"
+            )
         for name, low in (
             ("caption_max_tokens", 3),
             ("max_images", 0),
@@ -430,7 +435,8 @@ def load_scorer(
         path: the checkpoint folder (``config.json``, ``model.safetensors``, tokenizer files).
         device: torch device string, e.g. ``"cpu"``, ``"cuda"``, ``"cuda:1"``.
         dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` for the tower and LLM (the score head runs in fp32).
-        image_aspect_ratio: ``"pad"`` or ``"resize"``; None follows the checkpoint's ``image_aspect_ratio``.
+        image_aspect_ratio: ``"pad"`` or ``"resize"`` (``"square"``, LLaVA's name, means resize); None follows the
+            checkpoint's ``image_aspect_ratio`` (where ``"square"`` also reads as resize).
         batch_size: samples per forward pass.
         caption_max_tokens: caption id limit (EOS kept when cutting); None disables it.
         max_images: documents with more images become ``skipped``/``too_many_images`` rows; None disables it.
@@ -480,6 +486,7 @@ def load_scorer(
     processing = (
         ProcessingConfig.from_model_config(  # validates the limits against the config, before weights
             config,
+            vision_tower=vision_tower,
             image_aspect_ratio=options.image_aspect_ratio,
             max_length=options.max_length,
             caption_max_tokens=options.caption_max_tokens,

@@ -24,6 +24,8 @@ from unifilter_core.modeling.vision_tower import (
 IMAGE_TOKEN_INDEX = -200
 PROJECTOR_TYPES = ("aapool_mlp",)
 ASPECT_RATIOS = ("pad", "resize")
+# LLaVA's default "square" (checkpoints trained with the original code without --image_aspect_ratio pad) stretches
+ASPECT_ALIASES = {"square": "resize"}
 SELECT_FEATURES = ("patch",)
 
 # released flat key -> our attribute
@@ -96,6 +98,8 @@ class UniFilterConfig(PreTrainedConfig):
             if flat in kwargs:
                 setattr(self, attr, kwargs.pop(flat))
         fixed = {key: kwargs.pop(key) for key in FIXED_MM_KEYS if key in kwargs}
+        if isinstance(self.image_aspect_ratio, str):
+            self.image_aspect_ratio = ASPECT_ALIASES.get(self.image_aspect_ratio, self.image_aspect_ratio)
         mm_hidden_size = kwargs.pop("mm_hidden_size", None)
         override = kwargs.pop("vision_tower", None)
         base_dir = _base_dir(kwargs.get("name_or_path"))
@@ -200,7 +204,10 @@ class UniFilterConfig(PreTrainedConfig):
                 f"vision_select_feature={self.vision_select_feature!r}; supported: {SELECT_FEATURES}"
             )
         if self.image_aspect_ratio not in ASPECT_RATIOS:
-            raise ValueError(f"image_aspect_ratio={self.image_aspect_ratio!r}; use one of {ASPECT_RATIOS}")
+            raise ValueError(
+                f"image_aspect_ratio={self.image_aspect_ratio!r}; use one of {ASPECT_RATIOS} "
+                f"(or {', '.join(ASPECT_ALIASES)}, read as {', '.join(ASPECT_ALIASES.values())})"
+            )
         if not isinstance(self.tokenizer_model_max_length, int) or self.tokenizer_model_max_length <= 0:
             raise ValueError(
                 f"tokenizer_model_max_length={self.tokenizer_model_max_length!r} must be a positive int"

@@ -26,6 +26,9 @@ VISION_OVERRIDE_HINT = (
     "model.safetensors, e.g. a downloaded google/siglip-so400m-patch14-384)"
 )
 
+PREPROCESSOR_NAME = "preprocessor_config.json"
+DEFAULT_RESAMPLE = 3  # PIL bicubic: SiglipImageProcessor's default
+
 # Fields of a SigLIP vision config that define the architecture (what we write into our own config.json).
 VISION_FIELDS = (
     "hidden_size",
@@ -120,18 +123,120 @@ def vision_config_from_dir(directory: Path) -> SiglipVisionConfig:
 
 
 def _check_preprocessor(directory: Path, config: SiglipVisionConfig) -> None:
-    """Warn when the image processor disagrees with the tower size or the 0.5 mean/std normalization."""
-    raw = json.loads((directory / "preprocessor_config.json").read_text(encoding="utf-8"))
+    """Validate the tower's image-processor config against its architecture (see :func:`read_image_processor`)."""
+    read_image_processor(directory / PREPROCESSOR_NAME, config.image_size)
+
+
+def _number_list(raw: dict[str, Any], key: str, path: str) -> tuple[float, float, float]:
+    values = raw.get(key, [0.5, 0.5, 0.5])
+    if isinstance(values, (int, float)):
+        values = [values] * 3
+    if (
+        not isinstance(values, list)
+        or len(values) != 3
+        or not all(isinstance(v, (int, float)) for v in values)
+    ):
+        raise ValueError(f"{path}: {key} must be 3 numbers (one per RGB channel), got {values!r}")
+    return tuple(float(v) for v in values)  # type: ignore[return-value]
+
+
+def _processor_size(raw: dict[str, Any], path: str) -> set[int]:
     size = raw.get("size")
-    sizes = set(size.values()) if isinstance(size, dict) else {size} if isinstance(size, int) else set()
-    if sizes and sizes != {config.image_size}:
-        logger.warning(
-            "%s: preprocessor size %s differs from image_size %d", directory, size, config.image_size
+    if size is None:
+        return set()
+    if isinstance(size, int):
+        return {size}
+    if isinstance(size, dict) and {"height", "width"} & set(size):
+        return {size.get("height"), size.get("width")} - {None}
+    raise ValueError(
+        f"{path}: size {size!r} is not a fixed square resize ({{'height': N, 'width': N}}); UniFilter towers "
+        "take fixed-size square inputs"
+    )
+
+
+def read_image_processor(path: Path, image_size: int) -> dict[str, Any]:
+    """The preprocessing a tower's ``preprocessor_config.json`` asks for, as :class:`ProcessingConfig` fields.
+
+    Reads ``resample`` (PIL filter id: 3 bicubic for SigLIP, 2 bilinear for SigLIP2), ``rescale_factor``
+    (``do_rescale``), ``image_mean`` / ``image_std`` (``do_normalize``) and checks ``size`` against the tower's
+    ``image_size``. Missing keys take the ``SiglipImageProcessor`` defaults.
+
+    Raises:
+        ValueError: the file is not a JSON object, resizes to another size than the tower takes, or does not
+            resize at all.
+    """
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} is not a readable JSON file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} holds a JSON {type(raw).__name__}, not an image-processor config object")
+    return parse_image_processor(raw, str(path), image_size)
+
+
+def parse_image_processor(raw: dict[str, Any], path: str, image_size: int) -> dict[str, Any]:
+    """:func:`read_image_processor` on an already-read dict (``path`` names it in messages)."""
+    sizes = _processor_size(raw, path)
+    if (sizes and sizes != {image_size}) or raw.get("do_resize", True) is not True:
+        raise ValueError(
+            f"{path} resizes to {raw.get('size')!r} (do_resize={raw.get('do_resize', True)}), but the vision "
+            f"tower takes {image_size}x{image_size} images; fix the file or use the tower it belongs to"
         )
-    for key in ("image_mean", "image_std"):
-        values = raw.get(key)
-        if values is not None and any(abs(v - 0.5) > 1e-6 for v in values):
-            logger.warning("%s: %s=%s, but UniFilter normalizes with 0.5", directory, key, values)
+    resample = raw.get("resample", DEFAULT_RESAMPLE)
+    if not isinstance(resample, int) or isinstance(resample, bool):
+        raise ValueError(
+            f"{path}: resample must be a PIL filter id (2 bilinear, 3 bicubic), got {resample!r}"
+        )
+    rescale = raw.get("rescale_factor", 1 / 255) if raw.get("do_rescale", True) else 1.0
+    normalize = raw.get("do_normalize", True)
+    return {
+        "resample": resample,
+        "rescale_factor": float(rescale),
+        "image_mean": _number_list(raw, "image_mean", path) if normalize else (0.0, 0.0, 0.0),
+        "image_std": _number_list(raw, "image_std", path) if normalize else (1.0, 1.0, 1.0),
+    }
+
+
+def image_processor_settings(config: Any, vision_tower: str | None = None) -> dict[str, Any]:
+    """Preprocessing of a model's tower: the first of (1) ``vision_tower``'s, (2) the checkpoint folder's,
+    (3) the local ``mm_vision_tower`` folder's ``preprocessor_config.json``, (4) the built-in preset of a known
+    ``mm_vision_tower`` name, (5) SigLIP's values (bicubic, 1/255, mean = std = 0.5).
+
+    Args:
+        config: a UniFilter config (``name_or_path`` is the checkpoint folder when loaded from one).
+        vision_tower: the user's tower override (a local SigLIP folder), if any.
+
+    Returns:
+        :class:`ProcessingConfig` keyword arguments (``resample``, ``rescale_factor``, ``image_mean``,
+        ``image_std``) plus ``"source"``: where they came from.
+    """
+    size = int(config.vision_config.image_size)
+    base = _base_dir(getattr(config, "name_or_path", None))
+    reference = getattr(config, "mm_vision_tower", None)
+    folders = [
+        find_local_tower_dir(vision_tower, base, allow_cwd=True) if vision_tower else None,
+        base,
+        find_local_tower_dir(reference, base, allow_cwd=False) if reference else None,
+    ]
+    for folder in folders:
+        if folder is not None and (folder / PREPROCESSOR_NAME).is_file():
+            path = folder / PREPROCESSOR_NAME
+            return {**read_image_processor(path, size), "source": str(path)}
+    preset = KNOWN_VISION_TOWERS.get(reference or "")
+    if preset is not None:
+        raw = {**load_preset(preset)["image_processor"], "size": {"height": size, "width": size}}
+        return {
+            **parse_image_processor(raw, f"preset {preset!r}", size),
+            "source": f"built-in preset {preset!r}",
+        }
+    return {**parse_image_processor({}, "SigLIP defaults", size), "source": "SigLIP defaults"}
+
+
+def _base_dir(name_or_path: Any) -> Path | None:
+    if not name_or_path:
+        return None
+    path = Path(str(name_or_path))
+    return path if path.is_dir() else None
 
 
 def resolve_vision_tower(
