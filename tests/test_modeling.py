@@ -30,6 +30,7 @@ from unifilter_core.modeling import (
     scores_from_logits,
 )
 from unifilter_core.modeling import vision_tower as vision_tower_module
+from unifilter_core.modeling.modeling_unifilter import class_outputs
 from unifilter_core.synth import WorldConfig
 
 VISION = "model.vision_tower.vision_tower.vision_model."
@@ -516,8 +517,14 @@ def test_classification_head_loss_and_scores(tmp_path: Path) -> None:
     assert out.logits.shape == (4, 4)
     log_probs = out.logits.log_softmax(-1)
     torch.testing.assert_close(out.loss, -log_probs[torch.arange(4), labels].mean())
-    expected = (out.logits.softmax(-1) * torch.arange(4.0)).sum(-1)
-    torch.testing.assert_close(model.scores_from_logits(out.logits), expected)
+    probs = out.logits.softmax(-1)
+    torch.testing.assert_close(model.scores_from_logits(out.logits), probs[:, 1])  # the original's score
+    score, quality_class, level = class_outputs(out.logits)
+    torch.testing.assert_close(score, probs[:, 1])
+    assert torch.equal(quality_class, probs.argmax(-1))
+    torch.testing.assert_close(level, (probs * torch.arange(4.0)).sum(-1))
+    with pytest.raises(ValueError, match=">= 2 labels"):
+        class_outputs(out.logits[:, :1])
     out.loss.backward()
     assert (
         model.score.weight.grad is not None

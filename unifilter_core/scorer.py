@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from unifilter_core.head_scores import LabelScore, label_scores
 from unifilter_core.processing import (
     IMAGE_TOKEN_INDEX,
     AspectMode,
@@ -288,11 +289,15 @@ class Scorer:
             "pixel_values": pixel_values,
         }
 
-    def forward_scores(self, samples: Sequence[PreparedSample]) -> torch.Tensor:
-        """Launch one batch and return its scores as a ``[B]`` float32 tensor on the model's device.
+    def forward_head(self, samples: Sequence[PreparedSample]) -> torch.Tensor:
+        """Launch one batch and return what the head reports, float32 on the model's device.
 
         Does not wait for the device: call this for batch ``i + 1`` before reading batch ``i``'s scores
         (``.tolist()``) and the host-side collation of the next batch overlaps the GPU's work on this one.
+
+        Returns:
+            ``[B]`` raw outputs for a regression head; ``[B, 3]`` rows ``(P(class 1), argmax class, expected
+            level)`` for a classification head (``num_labels >= 2``).
 
         Raises:
             ValueError: a sample's image sentinels, ``n_images`` and ``pixel_values`` rows disagree.
@@ -310,7 +315,18 @@ class Scorer:
                 )
             else:
                 logits = self.model(**batch).logits
-            return self.model.scores_from_logits(logits.float()).float()
+            logits = logits.float()
+            if logits.shape[-1] == 1:
+                return logits[:, 0]
+            from unifilter_core.modeling.modeling_unifilter import class_outputs
+
+            score, quality_class, level = class_outputs(logits)
+            return torch.stack([score, quality_class.float(), level], dim=1)
+
+    def forward_scores(self, samples: Sequence[PreparedSample]) -> torch.Tensor:
+        """``[B]`` float32 scores on the model's device (the raw output, or P(class 1)); see :meth:`forward_head`."""
+        head = self.forward_head(samples)
+        return head if head.ndim == 1 else head[:, 0]
 
     def forward(self, samples: Sequence[PreparedSample]) -> list[float]:
         """Score prepared samples in one batch.
@@ -319,14 +335,19 @@ class Scorer:
             samples: prepared samples (any lengths; padded here, or packed with ``packing``).
 
         Returns:
-            One python float per sample, in order (the regression output, or the expected level for classes).
+            One float per sample, in order: the regression output, or for a classification head a
+            :class:`~unifilter_core.head_scores.LabelScore` (P(class 1), with ``quality_class`` and
+            ``expected_level``).
 
         Raises:
             ValueError: a sample's image sentinels, ``n_images`` and ``pixel_values`` rows disagree.
         """
         if not samples:
             return []
-        return [float(x) for x in self.forward_scores(samples).cpu().tolist()]
+        head = self.forward_head(samples).cpu()
+        if head.ndim == 1:
+            return head.tolist()
+        return label_scores(head.tolist())
 
     # ------------------------------------------------------------------------------------------------ scoring
     def score_prepared(self, items: Sequence[PreparedSample | SampleFailure]) -> list[ScoreResult]:
@@ -402,7 +423,10 @@ def _result(sample: PreparedSample, score: float | ScoreResult) -> ScoreResult:
             meta["truncated"],
         )
         return score
-    return ScoreResult(score=score, detail=sample.detail, **meta)
+    result = ScoreResult(score=float(score), detail=sample.detail, **meta)
+    if isinstance(score, LabelScore):
+        result.quality_class, result.expected_level = score.quality_class, score.expected_level
+    return result
 
 
 def _tokenizer_ids(tokenizer: Any) -> dict[str, int]:

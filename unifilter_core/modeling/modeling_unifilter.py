@@ -140,20 +140,37 @@ def splice_image_features(
 
 
 def scores_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Scalar quality scores from head logits.
+    """Scalar quality scores from head logits, as the original code reports them.
 
     Args:
         logits: ``[B, num_labels]``.
 
     Returns:
-        ``[B]`` float32: the raw output for one label, else the expected level ``sum_k k * softmax_k``
-        (equal to P(class 1) for two classes).
+        ``[B]`` float32: the raw output for one label (regression), else the softmax probability of class 1
+        (the original's score for classification heads; see :func:`class_outputs` for the argmax class and the
+        expected level).
     """
     logits = logits.float()
     if logits.shape[-1] == 1:
         return logits[:, 0]
-    levels = torch.arange(logits.shape[-1], device=logits.device, dtype=torch.float32)
-    return (logits.softmax(dim=-1) * levels).sum(dim=-1)
+    return logits.softmax(dim=-1)[:, 1]
+
+
+def class_outputs(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a classification head (``num_labels >= 2``) reports per row.
+
+    Args:
+        logits: ``[B, num_labels]`` with ``num_labels >= 2``.
+
+    Returns:
+        ``(score, quality_class, expected_level)``: ``[B]`` float32 P(class 1), ``[B]`` long argmax class and
+        ``[B]`` float32 ``sum_k k * P(class k)``.
+    """
+    if logits.shape[-1] < 2:
+        raise ValueError(f"class_outputs needs a head with >= 2 labels, got {logits.shape[-1]}")
+    probs = logits.float().softmax(dim=-1)
+    levels = torch.arange(probs.shape[-1], device=probs.device, dtype=torch.float32)
+    return probs[:, 1], probs.argmax(dim=-1), (probs * levels).sum(dim=-1)
 
 
 class UniFilterForQualityScoring(PreTrainedModel):

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from unifilter_core.head_scores import LabelScore
 from unifilter_core.records import Reason, ScoreResult
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class BatchRunner:
         self.batches = 0
         self.model_errors = 0
 
-    def _forward(self, samples: list[Any]) -> list[float]:
+    def _forward(self, samples: list[Any]) -> list[float | LabelScore]:
         start = time.perf_counter()
         try:
             with torch.inference_mode():
@@ -77,7 +78,7 @@ class BatchRunner:
             self.batches += 1
         if len(scores) != len(samples):
             raise RuntimeError(f"scorer.forward returned {len(scores)} scores for {len(samples)} samples")
-        return [float(s) for s in scores]
+        return list(scores)  # floats, or LabelScores (floats with the class outputs) for classification heads
 
     def run(self, samples: list[Any]) -> list[ScoreResult]:
         """Score one batch of ``PreparedSample``; results in the same order."""
@@ -111,13 +112,17 @@ class BatchRunner:
             return ScoreResult.failed(
                 Reason.MODEL_ERROR, error, n_images=sample.n_images, n_tokens=sample.n_tokens
             )
-        return ScoreResult(
+        result = ScoreResult(
             score=float(np.float32(score)),
             n_images=int(sample.n_images),
             n_tokens=int(sample.n_tokens),
             truncated=bool(sample.truncated),
             detail=sample.detail,
         )
+        if type(score) is not float and isinstance(score, LabelScore):  # regression scores are plain floats
+            result.quality_class = score.quality_class
+            result.expected_level = float(np.float32(score.expected_level))
+        return result
 
     def run_window(
         self, samples: list[Any], batch_size: int, max_batch_tokens: int | None
