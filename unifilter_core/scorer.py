@@ -20,13 +20,14 @@ import logging
 import os
 import threading
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from unifilter_core.head_scores import LabelScore, label_scores
+from unifilter_core.hub_cache import resolve_reference
 from unifilter_core.processing import (
     IMAGE_TOKEN_INDEX,
     AspectMode,
@@ -139,10 +140,14 @@ def _check_gpu_options(options: ScorerOptions) -> None:
 def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
     """Check that ``path`` is a checkpoint folder (released layout or ours: both hold ``config.json``).
 
+    ``path`` may be a hub id (``owner/name``, the original README's form) of a model in the local Hugging Face
+    cache (``HF_HUB_CACHE`` / ``HF_HOME``); nothing is downloaded (see :mod:`unifilter_core.hub_cache`).
+
     Raises:
-        ValueError: the folder or its ``config.json`` is missing, or ``config.json`` is not a UniFilter config.
+        ValueError: the folder or its ``config.json`` is missing, or ``config.json`` is not a UniFilter config;
+            a hub id that is not cached (the message gives the download command).
     """
-    folder = Path(path).expanduser()
+    folder = resolve_reference(path, what="checkpoint")
     if folder.is_file() and folder.name == "config.json":
         folder = folder.parent
     if not folder.is_dir():
@@ -456,7 +461,8 @@ def load_scorer(
     """Load a UniFilter checkpoint (released layout or our own saves) for scoring.
 
     Args:
-        path: the checkpoint folder (``config.json``, ``model.safetensors``, tokenizer files).
+        path: the checkpoint folder (``config.json``, ``model.safetensors``, tokenizer files), or the hub id of a
+            model in the local Hugging Face cache (``weizhiwang/UniFilter-Qwen2.5-1.5B``; never downloaded).
         device: torch device string, e.g. ``"cpu"``, ``"cuda"``, ``"cuda:1"``.
         dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` for the tower and LLM (the score head runs in fp32).
         image_aspect_ratio: ``"pad"`` or ``"resize"`` (``"square"``, LLaVA's name, means resize); None follows the
@@ -466,7 +472,7 @@ def load_scorer(
         max_images: documents with more images become ``skipped``/``too_many_images`` rows; None disables it.
         max_text_tokens: documents with longer id sequences become ``skipped``/``too_many_tokens`` rows.
         max_length: spliced sequence limit; None uses the checkpoint's ``tokenizer_model_max_length``.
-        vision_tower: a local SigLIP folder for checkpoints without tower weights.
+        vision_tower: a local SigLIP folder (or the hub id of a cached one) for checkpoints without tower weights.
         attn_implementation: transformers attention implementation (``"sdpa"``, ``"eager"``, ...).
         packing: True runs the LLM padding-free (all sequences of a batch in one row, see
             ``unifilter_core.modeling.packing``); ``"auto"`` packs only where a fast varlen attention kernel works
@@ -499,6 +505,9 @@ def load_scorer(
         pin_memory=pin_memory,
     )
     folder = resolve_checkpoint(path)
+    if vision_tower is not None:
+        vision_tower = str(resolve_reference(vision_tower, what="vision tower"))
+        options = replace(options, vision_tower=vision_tower)
 
     from unifilter_core.modeling import UniFilterForQualityScoring, load_config
     from unifilter_core.modeling.checkpoint import check_special_ids

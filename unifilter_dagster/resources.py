@@ -144,8 +144,10 @@ class ScoringModelResource(dg.ConfigurableResource):
         """The explicit checkpoint, else the one ``stage2_classifier`` made active."""
         import json
 
-        if self.checkpoint:
-            return Path(self.checkpoint).expanduser().resolve()
+        if self.checkpoint:  # a folder, or the hub id of a model in the local Hugging Face cache
+            from unifilter_core.hub_cache import resolve_reference
+
+            return resolve_reference(self.checkpoint, what="checkpoint").resolve()
         pointer = paths.models_dir(root) / ACTIVE_CLASSIFIER_FILE
         if pointer.is_file():
             return Path(json.loads(pointer.read_text())["path"])
