@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 from collections import Counter
@@ -38,12 +39,12 @@ class Entry:
     Attributes:
         input_ids: ids with ``IMAGE_TOKEN_INDEX`` sentinels, BOS first, EOS last.
         images: image paths (absolute) in sentinel order.
-        label: quality level (stage 2) or 0 (stage 1, unused).
+        label: quality level (stage 2; an int, or a float for a regression head) or 0 (stage 1, unused).
     """
 
     input_ids: list[int]
     images: tuple[str, ...]
-    label: int = 0
+    label: int | float = 0
 
 
 def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -206,6 +207,44 @@ def _image_folder(data_path: str | os.PathLike[str], image_folder: str | os.Path
     return parent / "images" if (parent / "images").is_dir() else parent
 
 
+def resolve_image_folder(
+    data_path: str | os.PathLike[str], image_folder: str | os.PathLike[str] | None, first_image: str | None
+) -> Path:
+    """The folder a dataset's image paths are relative to, checked on its first image.
+
+    As the original code: ``image_folder`` when given (``--image_folder``); else the JSON's folder. The one
+    exception is this project's own synthetic layout (paths relative to ``images/`` beside the JSON), used only
+    when the first image is there and not beside the JSON: an unrelated ``images/`` folder never redirects paths.
+
+    Raises:
+        ValueError: the first image is not where the paths point (the message names it and the fix).
+    """
+    parent = Path(data_path).parent
+    if first_image is None or Path(first_image).is_absolute():
+        return Path(image_folder) if image_folder else parent
+    candidates = [Path(image_folder)] if image_folder else [parent, parent / "images"]
+    for folder in candidates:
+        if (folder / first_image).is_file():
+            if folder != candidates[0]:
+                logger.info(
+                    "%s: image paths are relative to %s (the synthetic-pairs layout)", data_path, folder
+                )
+            return folder
+    tried = " nor ".join(str(folder / first_image) for folder in candidates)
+    raise ValueError(
+        f"{data_path}: the first record's image {first_image!r} is not at {tried}; image paths are relative to "
+        "image_folder (the original's --image_folder; default: the JSON's folder): pass the folder that holds them"
+    )
+
+
+def _first_image(records: list[Any]) -> str | None:
+    for record in records:
+        paths = _as_paths(record.get("image")) if isinstance(record, dict) else None
+        if paths:
+            return paths[0]
+    return None
+
+
 class CaptionPretrainDataset(RecordDataset):
     """LLaVA-Pretrain records (``{"id", "image", "conversations": [human, gpt]}``) for next-token training.
 
@@ -223,8 +262,9 @@ class CaptionPretrainDataset(RecordDataset):
         cache_images: bool = False,
     ) -> None:
         super().__init__(processor, cache_images)
-        folder = _image_folder(data_path, image_folder)
-        for i, record in enumerate(read_records(data_path)):
+        records = read_records(data_path)
+        folder = resolve_image_folder(data_path, image_folder, _first_image(records))
+        for i, record in enumerate(records):
             self._add(i, self._entry(record, folder, caption_max_tokens))
         self._finish(str(data_path))
 
@@ -290,10 +330,11 @@ class QualityDataset(RecordDataset):
         seed: int = 0,
     ) -> None:
         super().__init__(processor, cache_images)
-        folder = _image_folder(data_path, image_folder)
+        records = read_records(data_path)
+        folder = resolve_image_folder(data_path, image_folder, _first_image(records))
         self.num_levels = num_levels
         self.limits = (caption_max_tokens, max_images, max_text_tokens)
-        for i, record in enumerate(read_records(data_path)):
+        for i, record in enumerate(records):
             self._add(i, self._entry(record, folder))
         self._finish(str(data_path))
         self.swap_fraction = swap_negative_fraction
@@ -308,9 +349,15 @@ class QualityDataset(RecordDataset):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             return SampleFailure(Reason.INVALID_FIELDS, detail="record needs a string 'text'")
         label = record.get("label")
-        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < self.num_levels:
+        if (
+            isinstance(label, bool)
+            or not isinstance(label, (int, float))
+            or not math.isfinite(label)
+            or not 0 <= label <= self.num_levels - 1
+        ):
             return SampleFailure(
-                Reason.INVALID_FIELDS, detail=f"label {label!r} is not an int in 0..{self.num_levels - 1}"
+                Reason.INVALID_FIELDS,
+                detail=f"label {label!r} is not a number in 0..{self.num_levels - 1} (an int for classification)",
             )
         paths = _as_paths(record.get("image"))
         if paths is None:
@@ -334,8 +381,8 @@ class QualityDataset(RecordDataset):
         self.n_truncated += truncated
         return Entry(ids, tuple(str(folder / p) for p in paths[:kept]), label)
 
-    def labels(self) -> list[int]:
-        """Labels of the usable records, in order."""
+    def labels(self) -> list[int | float]:
+        """Labels of the usable records, in order (floats only where the JSON had them: regression heads)."""
         return [e.label for e in self.entries]
 
     def _swap(self, index: int, entry: Entry) -> tuple[tuple[str, ...], int]:
@@ -391,14 +438,27 @@ class Collator:
         if pixels:
             batch["pixel_values"] = torch.cat(pixels)
         if "labels" in items[0]:
+            labels = [it["labels"] for it in items]
+            if not self.float_labels:
+                _check_class_labels(labels)
             dtype = torch.float32 if self.float_labels else torch.long
-            batch["labels"] = torch.tensor([it["labels"] for it in items], dtype=dtype)
+            batch["labels"] = torch.tensor(labels, dtype=dtype)
         if "token_labels" in items[0]:
             tl = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
             for row, it in enumerate(items):
                 tl[row, : len(it["token_labels"])] = torch.tensor(it["token_labels"], dtype=torch.long)
             batch["token_labels"] = tl
         return batch
+
+
+def _check_class_labels(labels: list[int | float]) -> None:
+    """Classification heads (``num_labels >= 2``) train on class ids: a fractional label is a data error."""
+    bad = [label for label in labels if float(label) != int(label)]
+    if bad:
+        raise ValueError(
+            f"labels {bad[:5]} are not integers: a classification head (num_labels >= 2) needs class ids; float "
+            "labels train a regression head (num_labels = 1)"
+        )
 
 
 def load_pil(path: str | os.PathLike[str]) -> Image.Image | SampleFailure:
