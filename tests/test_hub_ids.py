@@ -101,3 +101,38 @@ def test_resolve_reference_keeps_existing_folders(tmp_path: Path, monkeypatch: p
     monkeypatch.chdir(tmp_path)
     (tmp_path / "owner" / "name").mkdir(parents=True)
     assert resolve_reference("owner/name", what="checkpoint") == Path("owner/name")
+
+
+@pytest.mark.parametrize(
+    ("scripts", "command"),
+    [({"hf", "tiny-agents"}, "hf"), ({"huggingface-cli"}, "huggingface-cli"), (set(), "hf")],
+)
+def test_download_command_follows_the_installed_cli(
+    scripts: set[str], command: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from importlib import metadata
+    from types import SimpleNamespace
+
+    from unifilter_core import hub_cache
+
+    entry_points = [SimpleNamespace(name=name) for name in scripts]
+    monkeypatch.setattr(metadata, "distribution", lambda name: SimpleNamespace(entry_points=entry_points))
+    assert hub_cache.download_command("owner/name") == f"{command} download owner/name"
+
+
+def test_cli_model_path_takes_a_hub_id(
+    hub_cache: Path, tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.test_scoring_engine import caption_members, write_tar
+    from unifilter_core.cli import main
+
+    _cache_model(hub_cache, "weizhiwang/UniFilter-Tiny", tiny_checkpoint)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_tar(shards / "00000000.tar", caption_members(2))
+    common = ["--tar-file-path", str(shards), "--gpu-id", "0", "--batch-size", "2", "--tars-per-gpu", "1",
+              "--output-dir", str(tmp_path / "out"), "--num-workers", "0", "--no-progress", "--device", "cpu"]  # fmt: skip
+    assert main(["score", "caption", "--model-path", "weizhiwang/UniFilter-Tiny", *common]) == 0
+    assert list((tmp_path / "out").glob("*.parquet"))
+    assert main(["score", "caption", "--model-path", "weizhiwang/Absent", *common]) == 2
+    assert "hf download weizhiwang/Absent" in capsys.readouterr().err

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
+from importlib import metadata
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -37,10 +37,17 @@ def hub_cache_dir() -> Path:
 
 
 def download_command(repo_id: str) -> str:
-    """The command that puts ``repo_id`` into the cache with the installed huggingface_hub CLI."""
-    if shutil.which("hf") is None and shutil.which("huggingface-cli") is not None:
-        return f"huggingface-cli download {repo_id}"
-    return f"hf download {repo_id}"
+    """The command that puts ``repo_id`` into the cache with the installed huggingface_hub's CLI.
+
+    huggingface_hub >= 0.34 ships ``hf`` (1.x and later only ``hf``); older releases ship ``huggingface-cli``.
+    The installed distribution's console scripts decide, not whatever happens to be on ``PATH``.
+    """
+    try:
+        scripts = {entry.name for entry in metadata.distribution("huggingface_hub").entry_points}
+    except metadata.PackageNotFoundError:
+        scripts = set()
+    cli = "huggingface-cli" if "hf" not in scripts and "huggingface-cli" in scripts else "hf"
+    return f"{cli} download {repo_id}"
 
 
 def cached_snapshot(repo_id: str) -> Path | None:
