@@ -301,3 +301,78 @@ def test_scores_asset_killed_in_its_catalog_write_then_rematerialized(
     assert counts["score_stats"] == 1 and counts["lineage"] == 2 and counts["tars"] == 1
     assert counts["dup_stats"] == counts["dup_lineage"] == counts["orphan_stats"] == 0
     assert pq.read_table(root / "scores/crash/00000001.parquet").num_rows == 5
+
+
+# --------------------------------------------------------------------------------------------- decode worker deaths
+def _crash_config(start_method: str = "fork"):
+    from unifilter_core.scoring import ScoringConfig
+
+    return ScoringConfig(
+        batch_size=4, num_workers=2, worker_chunk=4, worker_timeout_s=0.3, start_method=start_method
+    )
+
+
+def _score_with(tmp_path: Path, rel_ckpt: Path, actions: dict[str, str], n: int = 40, **kw):
+    from tests.crashing import MisbehavingProcessor, ScorerWith
+    from unifilter_core.scorer import load_scorer
+    from unifilter_core.scoring import score_tar
+
+    tar = write_caption_tar(tmp_path / "src" / "00000001.tar", n=n)
+    scorer = load_scorer(rel_ckpt, batch_size=4)
+    proxy = ScorerWith(scorer, MisbehavingProcessor(scorer.processor, actions, kw.pop("once_marker", None)))
+    out = tmp_path / "out" / "00000001.parquet"
+    summary = score_tar(tar, proxy, out, kind="caption", source="crash", progress=False, **kw)
+    return summary, pq.read_table(out).to_pylist()
+
+
+@pytest.mark.parametrize(
+    ("action", "reason", "detail"),
+    [
+        ("exit", "worker_crash", "exit code 9"),
+        ("sigkill", "worker_crash", "killed by signal SIGKILL"),
+        ("memory", "internal_error", "MemoryError: simulated allocation failure"),
+    ],
+)
+def test_a_sample_that_kills_its_decode_worker_costs_only_its_row(
+    tmp_path: Path, rel_ckpt: Path, action: str, reason: str, detail: str
+) -> None:
+    summary, rows = _score_with(tmp_path, rel_ckpt, {"caption 17": action}, config=_crash_config())
+    assert [r["key"] for r in rows] == [f"{i:09d}" for i in range(40)], "every sample, in tar order"
+    assert summary.rows == 40 and summary.by_status == {"ok": 39, "error": 1}
+    assert (rows[17]["reason"], rows[17]["score"]) == (reason, None)
+    assert detail in rows[17]["detail"]
+    assert all(r["status"] == "ok" for i, r in enumerate(rows) if i != 17)
+
+
+def test_two_deadly_samples_in_different_chunks(tmp_path: Path, rel_ckpt: Path) -> None:
+    actions = {"caption 5": "exit", "caption 30": "sigkill"}
+    summary, rows = _score_with(tmp_path, rel_ckpt, actions, config=_crash_config())
+    assert [r["key"] for r in rows] == [f"{i:09d}" for i in range(40)]
+    assert [i for i, r in enumerate(rows) if r["status"] != "ok"] == [5, 30]
+    assert {rows[5]["reason"], rows[30]["reason"]} == {"worker_crash"}
+    assert summary.by_reason == {"worker_crash": 2}
+
+
+def test_a_transient_worker_death_costs_no_row(tmp_path: Path, rel_ckpt: Path) -> None:
+    """The OOM killer strikes once: the retried sample (alone, in a fresh process) is scored."""
+    marker = tmp_path / "crashed-once"
+    summary, rows = _score_with(
+        tmp_path, rel_ckpt, {"caption 22": "exit_once"}, config=_crash_config(), once_marker=str(marker)
+    )
+    assert marker.exists(), "the worker did die once"
+    assert summary.by_status == {"ok": 40} and [r["key"] for r in rows] == [f"{i:09d}" for i in range(40)]
+
+
+def test_a_deadly_last_sample_in_a_short_last_chunk(tmp_path: Path, rel_ckpt: Path) -> None:
+    summary, rows = _score_with(tmp_path, rel_ckpt, {"caption 9": "exit"}, n=10, config=_crash_config())
+    assert [r["key"] for r in rows] == [f"{i:09d}" for i in range(10)]
+    assert rows[9]["reason"] == "worker_crash" and summary.rows == 10
+
+
+def test_a_deadly_sample_with_spawned_workers(tmp_path: Path, rel_ckpt: Path) -> None:
+    """Spawned workers (the start method once CUDA is initialised) recover the same way."""
+    summary, rows = _score_with(
+        tmp_path, rel_ckpt, {"caption 6": "exit"}, n=12, config=_crash_config("spawn")
+    )
+    assert [r["key"] for r in rows] == [f"{i:09d}" for i in range(12)]
+    assert rows[6]["reason"] == "worker_crash" and summary.by_status == {"ok": 11, "error": 1}

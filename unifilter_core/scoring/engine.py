@@ -13,7 +13,7 @@ Isolation, so one bad sample never costs its tar and no sample vanishes:
 
 * an exception while preparing a sample is that sample's ``internal_error`` row (``pipeline.prepare_item``);
 * a decode worker that dies (OOM killer, segfault) costs the chunk in flight, whose samples are retried alone;
-  a sample that kills its process again is a ``worker_crash`` row (``pipeline.DecodePool``);
+  a sample that kills its process again is a ``worker_crash`` row (``pool.DecodePool``);
 * after the table is written an independent header walk of the tar (``data.listing``) is compared with the
   keys written; the manifest's ``listing`` records the result (``missing_keys`` must be 0);
 * in :func:`score_tars`, a tar that still fails yields a summary with ``error`` and the block goes on;
@@ -44,7 +44,8 @@ from unifilter_core.paths import partition_key as make_partition_key
 from unifilter_core.scoring.batching import BatchRunner
 from unifilter_core.scoring.config import SampleKind, ScoringConfig, canonical_config, scorer_dtype
 from unifilter_core.scoring.output import OutputError, output_errors
-from unifilter_core.scoring.pipeline import DecodePool, SampleItem, iter_items, short_error
+from unifilter_core.scoring.pipeline import SampleItem, iter_items, short_error
+from unifilter_core.scoring.pool import DecodePool
 from unifilter_core.scoring.table import (
     MANIFEST_FORMAT_VERSION,
     Counts,
