@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from pathlib import Path
 
 import duckdb
+import pyarrow.parquet as pq
 
 from tests.reliability.conftest import catalog_counts, make_resources, materialize
 from tests.tarfixtures import write_caption_tar, write_interleaved_tar
@@ -86,3 +89,87 @@ def test_eight_partitions_in_parallel_processes(tmp_path: Path, rel_ckpt: Path, 
         runs = instance.get_runs()
         assert len([r for r in runs if r.status == dg.DagsterRunStatus.SUCCESS]) == N_PARTITIONS + 1
     print(f"8 partitions materialized concurrently in {time.monotonic() - started:.1f}s")
+
+
+# --------------------------------------------------------------------------------------------- one tar, two runs
+_SAME_TAR_CHILD = r"""
+import logging, sys, time
+from pathlib import Path
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+from unifilter_core.scorer import load_scorer
+from unifilter_core.scoring import ScoringConfig, score_tar
+tar, out, ckpt, go = sys.argv[1], sys.argv[2], sys.argv[3], Path(sys.argv[4])
+scorer = load_scorer(ckpt, batch_size=2)
+forward = scorer.forward
+def slow_forward(batch):  # instrumentation: a slow model, so the runs overlap
+    time.sleep(0.05)
+    return forward(batch)
+scorer.forward = slow_forward
+print("READY", flush=True)
+while not go.exists():
+    time.sleep(0.01)
+config = ScoringConfig(batch_size=2, num_workers=0, row_group_size=4, torch_threads=1)
+summary = score_tar(tar, scorer, out, kind="caption", source="s", config=config, progress=False)
+print("RESUMED" if summary.resumed else "SCORED", summary.rows, flush=True)
+"""
+
+
+def test_two_runs_scoring_the_same_tar_into_one_folder(tmp_path: Path, rel_ckpt: Path, run_child) -> None:
+    """The second run waits for the first (it once deleted the first's live temp file), then skips the tar."""
+    tar = write_caption_tar(tmp_path / "src" / "00000001.tar", n=30)
+    out = tmp_path / "out" / "00000001.parquet"
+    go_a, go_b = tmp_path / "go-a", tmp_path / "go-b"
+    a = run_child(_SAME_TAR_CHILD, str(tar), str(out), str(rel_ckpt), str(go_a))
+    b = run_child(_SAME_TAR_CHILD, str(tar), str(out), str(rel_ckpt), str(go_b))
+    for child in (a, b):
+        child.wait_for(lambda c=child: "READY" in c.output(), timeout=90)
+    go_a.touch()
+    a.wait_for(lambda: any(out.parent.glob(".00000001.parquet.tmp-*")), timeout=60)  # a is writing its table
+    go_b.touch()
+    assert a.wait(timeout=120) == 0, a.output()
+    assert b.wait(timeout=120) == 0, b.output()
+    assert "SCORED 30" in a.output() and "RESUMED 30" in b.output(), (a.output(), b.output())
+    assert "waiting for another run scoring" in b.output()
+    assert pq.read_table(out).num_rows == 30
+    assert sorted(p.name for p in out.parent.iterdir()) == ["00000001.manifest.json", "00000001.parquet"]
+
+
+_WRITER_CHILD = r"""
+import json, sys, time
+from pathlib import Path
+import unifilter_core.data.writer as writer
+real = writer.iter_raw_samples
+def slow(*args, **kwargs):  # instrumentation: a slow source, so the writes overlap
+    for raw in real(*args, **kwargs):
+        time.sleep(0.02)
+        yield raw
+writer.iter_raw_samples = slow
+go = Path(sys.argv[4])
+while not go.exists():
+    time.sleep(0.01)
+summary = writer.write_filtered_tar(sys.argv[1], set(json.loads(sys.argv[2])), sys.argv[3])
+print("DONE", summary.kept, flush=True)
+"""
+
+
+def test_two_filtered_writers_of_one_output(tmp_path: Path, run_child) -> None:
+    """A writer whose temp file looks old (a slow source) is never cleaned away by a second writer."""
+    from unifilter_core.data import write_filtered_tar
+
+    src = write_caption_tar(tmp_path / "src" / "00000001.tar", n=40)
+    keep = sorted(f"{i:09d}" for i in range(0, 40, 2))
+    clean = tmp_path / "clean" / "00000001.tar"
+    write_filtered_tar(src, set(keep), clean)
+    out = tmp_path / "filtered" / "00000001.tar"
+    go_a, go_b = tmp_path / "go-a", tmp_path / "go-b"
+    a = run_child(_WRITER_CHILD, str(src), json.dumps(keep), str(out), str(go_a))
+    b = run_child(_WRITER_CHILD, str(src), json.dumps(keep), str(out), str(go_b))
+    go_a.touch()
+    a.wait_for(lambda: any(out.parent.glob(".00000001.tar.*.tmp")), timeout=60)
+    for tmp in out.parent.glob(".00000001.tar.*.tmp"):
+        os.utime(tmp, (time.time() - 3600, time.time() - 3600))  # untouched for an hour, still live
+    go_b.touch()
+    assert a.wait(timeout=60) == 0 and "DONE 20" in a.output(), a.output()
+    assert b.wait(timeout=60) == 0 and "DONE 20" in b.output(), b.output()
+    assert out.read_bytes() == clean.read_bytes()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["00000001.tar"]
