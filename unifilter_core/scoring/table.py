@@ -8,7 +8,14 @@ Layout in an output folder, for the tar ``00000042.tar``::
 Both files are written to a temporary name in the same folder, fsynced and renamed into place, parquet first and
 manifest last: a table counts as complete only when its manifest exists and names the same inputs, so a crash at
 any point leaves either the previous complete pair, or a pair whose manifest does not match (rescored next run),
-or only temporary files (removed by :func:`clean_stale_temp_files`).
+or only temporary files (removed by :func:`clean_stale_temp_files`, only while holding the table's lock:
+:func:`table_lock`, a hidden ``.<stem>.lock`` that serialises runs scoring the same tar into the same folder).
+
+Columns: :data:`SCORE_TABLE_SCHEMA`; ``flags``, ``quality_class`` and ``expected_level`` were appended last, so
+readers that select the older columns keep working. The writer is the last line of defence for text: every
+string value passes through :func:`~unifilter_core.data.text.escape_unencodable` (pyarrow never raises on a lone
+surrogate), and a key/uid/url escaped here gets its ``*_escaped`` flag. Disk-full, read-only and permission
+errors while writing raise :class:`~unifilter_core.scoring.output.OutputError` and leave no temporary file.
 """
 
 from __future__ import annotations
