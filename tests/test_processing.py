@@ -267,3 +267,72 @@ def test_processor_pickles(tiny_tokenizer, make_image) -> None:
 def test_bad_config_raises(kw, match) -> None:
     with pytest.raises(ValueError, match=match):
         ProcessingConfig(**{"image_size": 32, "num_image_tokens": NIT, "max_length": 256, **kw})
+
+
+# ------------------------------------------------------------------------------------------------ bounded image cost
+_THIN_CHILD = """
+import io, json, resource, sys, time
+from PIL import Image
+from unifilter_core.processing import ProcessingConfig, UniFilterProcessor
+from unifilter_core.tokenization import load_tokenizer
+
+tokenizer_dir, n_captions, unbounded = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "unbounded"
+
+def png(size):
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 10, 10)).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+thin, thinner, normal = png((2, 40_000)), png((1, 60_000)), png((20, 20))
+extra = {"max_pixels": None} if unbounded else {}
+proc = UniFilterProcessor(load_tokenizer(tokenizer_dir), ProcessingConfig(image_size=32, num_image_tokens=4,
+                                                                          max_length=256, **extra))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+captions = [proc.prepare_caption(thin, f"thin {i}") for i in range(n_captions)]
+captions.append(proc.prepare_caption(thinner, "thinner"))
+document = proc.prepare_document(["intro", None, None, None], [None, thin, thinner, normal])
+print(json.dumps({
+    "png_bytes": len(thin),
+    "reasons": [getattr(getattr(c, "reason", None), "value", None) for c in captions],
+    "document_images": getattr(document, "n_images", None),
+    "document_detail": getattr(document, "detail", None),
+    "before_kb": before,
+    "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+    "seconds": time.perf_counter() - start,
+}))
+"""
+
+
+def _run_thin_child(tokenizer_dir, n_captions: int, mode: str = "bounded") -> dict:
+    """Run :data:`_THIN_CHILD`; ``mode="unbounded"`` sets ``max_pixels=None`` (the old, unbounded padding)."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _THIN_CHILD, str(tokenizer_dir), str(n_captions), mode],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_thin_pngs_are_refused_before_padding_with_bounded_memory(tiny_tokenizer_dir) -> None:
+    """Ten 2x40000 PNG captions (a few hundred bytes each; padding one to a square once took 6.67 GB and 25 s),
+    a 1x60000 caption (once a ``MemoryError`` in a decode worker) and a document holding both: the captions are
+    ``image_too_large``, the document keeps only its normal image, and the child's whole peak RSS stays < 1 GB."""
+    report = _run_thin_child(tiny_tokenizer_dir, 10)
+    assert report["png_bytes"] < 2000, report
+    assert report["reasons"] == ["image_too_large"] * 11, report
+    assert report["document_images"] == 1, report
+    detail = report["document_detail"]
+    assert "slot 1: image dropped (image_too_large: 2x40000" in detail, report
+    assert "slot 2: 1x60000 image dropped" in detail, (
+        report
+    )  # 1-pixel images are dropped first, like the original
+    assert report["peak_kb"] < 1024 * 1024, report  # the whole child: interpreter, torch, tokenizer
+    assert report["peak_kb"] - report["before_kb"] < 50 * 1024, report  # preparing adds < 50 MB
+    assert report["seconds"] < 5, report
