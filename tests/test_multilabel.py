@@ -75,3 +75,44 @@ def test_batch_runner_carries_class_outputs(four_class_checkpoint: Path, tiny_ch
     rows = BatchRunner(regression).run(samples)
     assert all(r.quality_class is None and r.expected_level is None and r.score is not None for r in rows)
     assert all(r.quality_class is None for r in regression.score_prepared(samples))
+
+
+def test_engine_writes_class_outputs_to_the_score_table(
+    four_class_checkpoint: Path, tiny_checkpoint: Path, tmp_path
+):
+    """score_tar (decode, BatchRunner, table writer) stores quality_class / expected_level of a 4-class head,
+    equal to the scorer's own results; a regression head leaves both columns null."""
+    import io
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from tests.tarfixtures import jpeg_bytes, write_caption_tar
+    from unifilter_core.scoring import ScoringConfig, score_tar
+
+    tar = write_caption_tar(tmp_path / "00000000.tar", n=5)
+    config = ScoringConfig(batch_size=2, num_workers=0)
+    scorer = load_scorer(four_class_checkpoint)
+    out = tmp_path / "four" / "00000000.parquet"
+    score_tar(tar, scorer, out, kind="caption", source="s", config=config, progress=False)
+    table = pq.read_table(out).to_pylist()
+    assert [r["status"] for r in table] == ["ok"] * 5
+    pairs = [
+        (Image.open(io.BytesIO(jpeg_bytes(color=(i * 37 % 256, 80, 120)))), f"caption {i}") for i in range(5)
+    ]
+    expected = scorer.score_captions(pairs)
+    assert [r["quality_class"] for r in table] == [e.quality_class for e in expected]
+    np.testing.assert_allclose(
+        [r["expected_level"] for r in table], [e.expected_level for e in expected], atol=1e-5
+    )
+    np.testing.assert_allclose([r["score"] for r in table], [e.score for e in expected], atol=1e-5)
+    assert all(0 <= r["score"] <= 1 and 0 <= r["expected_level"] <= 3 for r in table)
+
+    plain = tmp_path / "plain" / "00000000.parquet"
+    score_tar(
+        tar, load_scorer(tiny_checkpoint), plain, kind="caption", source="s", config=config, progress=False
+    )
+    rows = pq.read_table(plain).to_pylist()
+    assert all(
+        r["quality_class"] is None and r["expected_level"] is None and r["score"] is not None for r in rows
+    )
