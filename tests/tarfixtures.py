@@ -376,3 +376,45 @@ def write_hostile_interleaved_tar(path: str | os.PathLike[str], style: str = "ba
     members, expected = hostile_interleaved_members(style)
     write_tar(path, members)
     return expected
+
+
+# ---------------------------------------------------------------------------------------------- odd archives
+
+
+def non_utf8_name(raw: bytes) -> str:
+    """A member name holding bytes that are not UTF-8, as :mod:`tarfile` decodes it (``surrogateescape``)."""
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def write_tar_pax(path: str | os.PathLike[str], members: Iterable[tuple[str, bytes, dict[str, str]]]) -> Path:
+    """Like :func:`write_tar`, with extra pax header records per member (e.g. ``{"mtime": "inf"}``)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data, pax in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 1_700_000_000, 0o644
+            info.pax_headers = dict(pax)
+            tar.addfile(info, io.BytesIO(data))
+    return out
+
+
+def tar_bytes(members: Iterable[Member], tar_format: int = tarfile.PAX_FORMAT) -> bytes:
+    """A whole tar (end-of-archive blocks and record padding included) as bytes, in ``tar_format``."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tar_format) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 1_700_000_000, 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def concatenate_tars(
+    path: str | os.PathLike[str], parts: Sequence[bytes], *, padding_blocks: int = 0, tail: bytes = b""
+) -> Path:
+    """``cat part1 part2 ...`` with ``padding_blocks`` zero blocks between parts and ``tail`` after the last."""
+    gap = b"\x00" * (512 * padding_blocks)
+    out = Path(path)
+    out.write_bytes(gap.join(parts) + tail)
+    return out

@@ -6,7 +6,13 @@ misses samples (it once stopped at the first end-of-archive block of concatenate
 archive another way: ``tarfile`` in random-access mode with ``ignore_zeros=True``, which seeks over member data and
 walks past end-of-archive blocks to the real end of the file, and it keeps only what names a sample: the
 webdataset key (member path up to the first ``.`` of the basename) of every regular, non-meta member that has an
-extension. Names are escaped exactly as the reader escapes them, so the two key sets are comparable.
+extension. Names are escaped exactly as the reader escapes them, so the two key sets are comparable; a member
+with an unsafe name (absolute, ``..``) counts under the key the reader gives its ``unsafe_member_name`` row (its
+name when it has no extension).
+
+The two agree on the key set of whole tars, concatenated ones included; on a truncated tar the listing's keys are
+a subset of the reader's (the reader also names the sample that was cut). Garbage where a header should be ends
+the reader (``tar_read_error``) while ``ignore_zeros`` walks over it, so there the listing may hold more keys.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from dataclasses import dataclass, field
 
 from webdataset.tariterators import base_plus_ext
 
+from unifilter_core.data.tars import is_unsafe_member_name
 from unifilter_core.data.text import escape_unencodable
 
 _META_RE = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta pattern
@@ -66,7 +73,7 @@ def list_tar_samples(path: str | os.PathLike[str]) -> TarListing:
             while True:
                 try:
                     info = archive.next()
-                except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+                except Exception as exc:  # tarfile, zlib, lzma, bz2 raise many types on hostile bytes
                     listing.error = f"{type(exc).__name__}: {exc}"
                     break
                 if info is None:
@@ -75,10 +82,12 @@ def list_tar_samples(path: str | os.PathLike[str]) -> TarListing:
                 if not info.isreg() or _META_RE.match(info.name):
                     continue
                 key = sample_key(info.name)
+                if key is None and is_unsafe_member_name(info.name):
+                    key = escape_unencodable(info.name)[0]  # the reader's unsafe_member_name row
                 if key is None:
                     continue
                 listing.keys.add(key)
                 listing.members += 1
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+    except Exception as exc:  # never raises on bad data (lzma.LZMAError is not an OSError)
         listing.error = f"{type(exc).__name__}: {exc}"
     return listing
