@@ -96,7 +96,7 @@ def test_schema_is_idempotent_and_scores_view_empty(tmp_path: Path) -> None:
     cols, rows = c1.query("SELECT * FROM scores")
     assert rows == []
     assert cols == ["key", "source", "partition_key", "uid", "url", "score", "status", "reason", "n_images",
-                    "n_tokens", "truncated", "model_fingerprint"]  # fmt: skip
+                    "n_tokens", "truncated", "model_fingerprint", "flags", "quality_class", "expected_level"]  # fmt: skip
 
 
 def test_missing_catalog_without_create_raises(tmp_path: Path) -> None:

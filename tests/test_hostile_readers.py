@@ -403,14 +403,18 @@ def test_image_member_index_too_long_for_int_is_ignored(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------- thin images
 
 _THIN_CHILD = """
-import resource, sys
+import sys
 sys.path.insert(0, {root!r})
 from tests import tarfixtures as tf
 from unifilter_core.data import decode_image
+def peak_kb():
+    # VmHWM belongs to this address space; ru_maxrss survives execve and would report the forking pytest's peak
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
 data = tf.png_bytes(({w}, {h}))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_kb()
 image = decode_image(data)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+after = peak_kb()
 print(image.size, after - before)
 """
 

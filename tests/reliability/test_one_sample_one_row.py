@@ -21,12 +21,6 @@ from tests.reliability.conftest import make_resources, materialize
 from tests.tarfixtures import caption_members, document_members, jpeg_bytes
 from unifilter_core.cli import main
 
-# The reader side (escaped json text, blank captions, concatenated archives) has not landed yet: these end-to-end
-# targets stay red until it does (issue [L]); the engine, CLI and asset parts they need are in place.
-pending_reader = pytest.mark.xfail(
-    reason="reader-side escaping / concatenated tars not landed yet", strict=False
-)
-
 
 def _thin_png(width: int, height: int) -> bytes:
     buf = io.BytesIO()
@@ -104,7 +98,6 @@ def _check_rows(table: Path, expected: dict[str, tuple[str, str | None, str | No
     assert got["url_sur"]["url"] == "https://x.org/\\udfff"
 
 
-@pending_reader
 def test_cli_block_scores_every_hostile_sample_and_the_next_tar(
     tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -119,7 +112,6 @@ def test_cli_block_scores_every_hostile_sample_and_the_next_tar(
     assert pq.read_table(out / "00000001.parquet").num_rows == 2
 
 
-@pending_reader
 def test_scores_asset_gives_each_hostile_sample_its_own_row(tmp_path: Path, rel_ckpt: Path) -> None:
     import dagster as dg
 
@@ -144,7 +136,6 @@ def test_scores_asset_gives_each_hostile_sample_its_own_row(tmp_path: Path, rel_
     assert doc_rows["doc_ok"]["status"] == "ok"
 
 
-@pending_reader
 def test_concatenated_tar_gets_every_row_and_the_check_fails_on_missing_rows(
     tmp_path: Path, rel_ckpt: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

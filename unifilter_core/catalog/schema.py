@@ -40,6 +40,9 @@ SCORE_COLUMNS: dict[str, str] = {
     "n_tokens": "INTEGER",
     "truncated": "BOOLEAN",
     "model_fingerprint": "VARCHAR",
+    "flags": "VARCHAR",
+    "quality_class": "INTEGER",
+    "expected_level": "FLOAT",
 }
 
 # lineage keeps the latest materialization per (asset, partition); lineage_history every one
