@@ -52,6 +52,14 @@ def test_workers_is_an_alias_and_max_len_and_aspect_reach_the_scorer(
     assert manifest["config"]["processing"]["image_aspect_ratio"] == "resize"
 
 
+def test_square_aspect_on_the_cli_means_stretch(shards: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert (
+        main([*_argv(tiny_checkpoint, shards, out, "--workers", "0"), "--image-aspect-ratio", "square"]) == 0
+    )
+    assert _manifest(out)["config"]["processing"]["image_aspect_ratio"] == "resize"  # LLaVA's name for it
+
+
 def test_gpu_id_outside_num_gpus_is_refused(
     shards: Path, tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

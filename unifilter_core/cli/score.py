@@ -10,7 +10,8 @@ As the original scripts, ``--gpu-id I --tars-per-gpu N`` (default N = 128) score
 and exits 0 (a launcher may start more GPUs than there are blocks). Differences: tars are discovered
 (``<number>.tar`` or ``shard_<number>.tar``) instead of probing ``range(100000)``; tables go to
 ``<data root>/scores/<source>/`` (or ``--output-dir``), never into the input folder, and that folder belongs to
-one input folder (``.source.json``); a tar is skipped only when its table's manifest matches the tar, the model
+one input folder (``.source.json``); ``--output-format original`` writes the original's
+``<NNNNNNNN>_quality_score.parquet`` (into the tar folder by default, as the original); a tar is skipped only when its table's manifest matches the tar, the model
 and the scoring config; a tar that fails does not stop the block (the run ends with exit code 1 naming it).
 """
 
@@ -127,7 +128,19 @@ def _add_flags(p: argparse.ArgumentParser, kind: str) -> None:
         help=f"block size N in tar ids (default {DEFAULT_TARS_PER_GPU}); to score every tar in one run, give "
         "a block larger than the highest id, e.g. 1000000000",
     )
-    p.add_argument("--output-dir", default=None, help="where tables go (default <data root>/scores/<source>)")
+    p.add_argument(
+        "--output-dir",
+        default=None,
+        help="where tables go (default <data root>/scores/<source>; with --output-format original: the tar "
+        "folder, as the original scripts)",
+    )
+    p.add_argument(
+        "--output-format",
+        choices=("unifilter", "original"),
+        default="unifilter",
+        help="unifilter: <NNNNNNNN>.parquet tables the catalog reads (default); original: the original "
+        "scripts' <NNNNNNNN>_quality_score.parquet (json fields + quality_score, plus key/status/reason)",
+    )
     p.add_argument("--root", default=None, help="data root (default $UNIFILTER_HOME or ./.unifilter)")
     p.add_argument("--source", default=None, help="source name (default: the tar folder's name)")
     p.add_argument(
@@ -168,10 +181,10 @@ def _add_flags(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--vision-batch-size", type=int, default=None, help="images per vision-tower call")
     p.add_argument(
         "--image-aspect-ratio",
-        choices=("pad", "resize"),
+        choices=("pad", "resize", "square"),
         default=None,
-        help="pad images to a grey square (training) or stretch them (the original scorer); "
-        "default: the checkpoint's image_aspect_ratio",
+        help="pad images to a grey square (training) or stretch them (resize, the original scorer; square is "
+        "LLaVA's name for it); default: the checkpoint's image_aspect_ratio",
     )
     _add_original_flags(p)
 
@@ -260,14 +273,36 @@ def _check_checkpoint(model_path: str) -> None:
         ) from None
 
 
+def _original_output_dir(args: argparse.Namespace, input_dir: Path) -> Path:
+    """Where ``--output-format original`` writes: ``--output-dir`` or, as the original, the tar folder.
+
+    Original-form tables have other columns than the catalog's, so they never go under ``<data root>/scores``.
+    """
+    out = Path(args.output_dir).expanduser().resolve() if args.output_dir else input_dir
+    catalog_scores = (data_root(args.root) / "scores").resolve()
+    if out == catalog_scores or catalog_scores in out.parents:
+        raise CLIError(
+            f"--output-dir {str(out)!r} is under the catalog's score folder {str(catalog_scores)!r}, which holds "
+            "only unifilter-format tables; pass another --output-dir for --output-format original"
+        )
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--output-dir {str(out)!r} exists and is not a folder")
+    return out
+
+
 def _output_dir(args: argparse.Namespace, source: str, input_dir: Path) -> Path:
     from unifilter_core.scoring.source_marker import SourceMismatchError, check_source_marker
 
-    out = (
-        Path(args.output_dir).expanduser().resolve()
-        if args.output_dir
-        else scores_dir(data_root(args.root), source)
-    )
+    if args.output_format == "original":
+        out = _original_output_dir(args, input_dir)
+        if out == input_dir:
+            return out  # next to the tars, as the original: the folder cannot hold another source's tables
+    else:
+        out = (
+            Path(args.output_dir).expanduser().resolve()
+            if args.output_dir
+            else scores_dir(data_root(args.root), source)
+        )
     if out == input_dir or out.exists() and out.samefile(input_dir):
         raise CLIError(f"--output-dir {str(out)!r} is the input folder; score tables must go elsewhere")
     if out.exists() and not out.is_dir():
@@ -403,7 +438,8 @@ def run_score(args: argparse.Namespace) -> int:
         f"unifilter score: {len(plan.block)} tar(s) from {plan.input_dir} -> {plan.out} ({device}, {dtype})"
     )
     try:
-        write_source_marker(plan.out, plan.source, plan.input_dir)
+        if plan.out != plan.input_dir:
+            write_source_marker(plan.out, plan.source, plan.input_dir)
         failed = _score_block(args, plan, scorer, config)
     except OSError as exc:
         raise CLIError(_os_error_line(exc, plan.out)) from None
@@ -429,6 +465,7 @@ def _score_block(args: argparse.Namespace, plan: _Plan, scorer: Any, config: Any
         config=config,
         progress=not args.no_progress,
         force=args.force,
+        output_format=args.output_format,
     ):
         print(summary.describe(), flush=True)
         error = getattr(summary, "error", None)

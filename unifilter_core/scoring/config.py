@@ -21,6 +21,20 @@ class SampleKind(str, Enum):
         return self.value
 
 
+class OutputFormat(str, Enum):
+    """The form of the score tables: ours (``<stem>.parquet``, the catalog's) or the original scripts'.
+
+    ``original`` writes ``<stem>_quality_score.parquet`` with the sample json fields and ``quality_score``
+    (:mod:`unifilter_core.scoring.original_format`); those tables are for downstream tools, not the catalog.
+    """
+
+    UNIFILTER = "unifilter"
+    ORIGINAL = "original"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 def _default_limits() -> Any:
     from unifilter_core.data import ReaderLimits
 

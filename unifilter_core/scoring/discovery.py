@@ -53,17 +53,35 @@ def _check_unique(found: Iterable[tuple[int, Path]]) -> dict[int, Path]:
     return by_id
 
 
+_COMPANION_SUFFIXES = ("_stats", "_quality_score")
+
+
+def _is_companion(name: str, stems: set[str]) -> bool:
+    """Hidden entries and a shard's own companions (img2dataset's ``<stem>.parquet`` / ``<stem>_stats.json``,
+    original-form ``<stem>_quality_score.parquet`` and manifests): expected next to shards, never warned about."""
+    if name.startswith("."):
+        return True
+    if ".tar" in name:  # 00000000.tar.gz beside 00000000.tar: a shard in another form, worth a warning
+        return False
+    head = name.split(".")[0]
+    for suffix in _COMPANION_SUFFIXES:
+        head = head.removesuffix(suffix)
+    return head in stems
+
+
 def _scan(folder: Path) -> tuple[list[tuple[int, Path]], list[str]]:
-    """``(id, path)`` of each shard directly in ``folder``, and the names of the other entries."""
+    """``(id, path)`` of each shard directly in ``folder``, and the names of the other entries (companion
+    files of the shards found are left out of both)."""
     found: list[tuple[int, Path]] = []
-    skipped: list[str] = []
+    others: list[str] = []
     for entry in sorted(folder.iterdir()):
         number = shard_id(entry.name)
         if number is not None and entry.is_file():
             found.append((number, entry))
         else:
-            skipped.append(entry.name)
-    return found, skipped
+            others.append(entry.name)
+    stems = {path.name.split(".")[0] for _, path in found} | {f"{number:08d}" for number, _ in found}
+    return found, [name for name in others if not _is_companion(name, stems)]
 
 
 def discover_tars(path: str | os.PathLike[str]) -> list[Path]:

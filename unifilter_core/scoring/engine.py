@@ -42,7 +42,14 @@ from unifilter_core.data.listing import list_tar_samples
 from unifilter_core.data.text import escape_unencodable
 from unifilter_core.paths import partition_key as make_partition_key
 from unifilter_core.scoring.batching import BatchRunner
-from unifilter_core.scoring.config import SampleKind, ScoringConfig, canonical_config, scorer_dtype
+from unifilter_core.scoring.config import (
+    OutputFormat,
+    SampleKind,
+    ScoringConfig,
+    canonical_config,
+    scorer_dtype,
+)
+from unifilter_core.scoring.original_format import OriginalTableWriter, original_table_paths
 from unifilter_core.scoring.output import OutputError, output_errors
 from unifilter_core.scoring.pipeline import SampleItem, iter_items, short_error
 from unifilter_core.scoring.pool import DecodePool
@@ -141,7 +148,7 @@ def _score_window(window: list[SampleItem], runner: BatchRunner, config: Scoring
     for item in window:
         result = item.failure if item.prepared is None else by_index[item.index]
         assert result is not None
-        rows.append(ScoreRow(item.key, item.uid, item.url, result, item.flags))
+        rows.append(ScoreRow(item.key, item.uid, item.url, result, item.flags, item.meta))
     return rows
 
 
@@ -218,6 +225,7 @@ def score_tar(
     progress: bool = True,
     force: bool = False,
     pool: DecodePool | None = None,
+    output_format: OutputFormat | str = OutputFormat.UNIFILTER,
 ) -> TarScoreSummary:
     """Score every sample of one tar into ``out_path`` (a parquet score table) and its manifest sidecar.
 
@@ -237,6 +245,10 @@ def score_tar(
         force: rescore even when an up-to-date table exists.
         pool: decode workers to reuse across tars (:func:`score_tars` passes one); None = a private pool when
             ``config.num_workers`` > 0, in-process decoding otherwise.
+        output_format: ``unifilter`` (our table, the default) or ``original`` (the original scripts' columns:
+            the sample json fields and ``quality_score``, see :mod:`~unifilter_core.scoring.original_format`;
+            ``out_path`` is then ``<out_dir>/<stem>_quality_score.parquet``). Manifest, resume and locking
+            work the same for both.
 
     Returns:
         A :class:`TarScoreSummary`.
@@ -259,6 +271,7 @@ def score_tar(
     if table.suffix != ".parquet":
         raise ValueError(f"out_path must end with .parquet, got {str(table)!r}")
     kind = SampleKind(kind)
+    output_format = OutputFormat(output_format)
     config = config or ScoringConfig()
     pkey = partition_key or make_partition_key(source, tar)
     manifest_path = manifest_path_for(table)
@@ -279,7 +292,7 @@ def score_tar(
         if own_pool:
             pool = DecodePool(scorer.processor, config)
         try:
-            job = _Job(tar, table, manifest_path, kind, source, pkey, key, canon)
+            job = _Job(tar, table, manifest_path, kind, source, pkey, key, canon, output_format)
             return _score(job, scorer, config, progress, pool)
         finally:
             if own_pool and pool is not None:
@@ -298,6 +311,31 @@ class _Job:
     pkey: str
     key: ManifestKey
     canon: dict[str, Any]
+    output_format: OutputFormat = OutputFormat.UNIFILTER
+
+
+def head_labels(scorer: Any) -> int:
+    """``num_labels`` of the scorer's head (1 = regression; 2+ = classification with ``quality_class``)."""
+    config = getattr(getattr(scorer, "model", None), "config", None)
+    return int(getattr(config, "num_labels", 1) or 1)
+
+
+def _open_writer(job: _Job, scorer: Any, config: ScoringConfig, metadata: dict[str, str]) -> Any:
+    """The table writer of ``job``'s output format (both: ``write(rows)``, ``commit() -> rows``, context)."""
+    if job.output_format is OutputFormat.ORIGINAL:
+        return OriginalTableWriter(
+            job.table,
+            multi_label=head_labels(scorer) >= 2,
+            metadata={**metadata, "source": job.source, "model_fingerprint": job.key.model_fingerprint},
+        )
+    return ScoreTableWriter(
+        job.table,
+        source=job.source,
+        partition_key=job.pkey,
+        model_fingerprint=job.key.model_fingerprint,
+        metadata=metadata,
+        row_group_size=config.row_group_size,
+    )
 
 
 def _score(
@@ -319,14 +357,7 @@ def _score(
         "partition_key": job.pkey,
     }
     with (
-        ScoreTableWriter(
-            job.table,
-            source=job.source,
-            partition_key=job.pkey,
-            model_fingerprint=key.model_fingerprint,
-            metadata=metadata,
-            row_group_size=config.row_group_size,
-        ) as writer,
+        _open_writer(job, scorer, config, metadata) as writer,
         _progress_bar(job.tar.name, progress) as bar,
         _model_threads(scorer, config),
     ):
@@ -360,7 +391,12 @@ def _score(
         "source": job.source,
         "partition_key": job.pkey,
         "kind": str(job.kind),
-        "table": {"path": job.table.name, "rows": n_rows, "bytes": job.table.stat().st_size},
+        "table": {
+            "path": job.table.name,
+            "format": str(job.output_format),
+            "rows": n_rows,
+            "bytes": job.table.stat().st_size,
+        },
         "counts": {"status": counts.by_status, "reason": counts.by_reason},
         "listing": listing_record(job.tar, written_keys),
         "timings": {
@@ -415,10 +451,19 @@ def listing_record(tar: Path, written_keys: set[str]) -> dict[str, Any]:
     }
 
 
+def output_paths(
+    out_dir: str | os.PathLike[str], tar_path: str | os.PathLike[str], output_format: OutputFormat | str
+) -> tuple[Path, Path]:
+    """``(table, manifest)`` of ``tar_path`` under ``out_dir`` in ``output_format``."""
+    if OutputFormat(output_format) is OutputFormat.ORIGINAL:
+        return original_table_paths(out_dir, tar_path)
+    return table_paths(out_dir, tar_path)
+
+
 def _failed_summary(
-    out: Path, tar_path: str | os.PathLike[str], source: str, exc: Exception
+    out: Path, tar_path: str | os.PathLike[str], source: str, exc: Exception, output_format: OutputFormat
 ) -> TarScoreSummary:
-    table, manifest = table_paths(out, tar_path)
+    table, manifest = output_paths(out, tar_path, output_format)
     try:
         pkey = make_partition_key(source, tar_path)
     except ValueError:
@@ -437,6 +482,7 @@ def score_tars(
     config: ScoringConfig | None = None,
     progress: bool = True,
     force: bool = False,
+    output_format: OutputFormat | str = OutputFormat.UNIFILTER,
 ) -> Iterable[TarScoreSummary]:
     """Score many tars into ``<out_dir>/<stem>.parquet``, sharing one set of decode workers.
 
@@ -450,13 +496,15 @@ def score_tars(
         scorer: a loaded ``Scorer``.
         out_dir: the output folder (created when missing).
         kind, source, config, progress, force: as in :func:`score_tar`.
+        output_format: as in :func:`score_tar`; ``original`` writes ``<out_dir>/<stem>_quality_score.parquet``.
     """
+    output_format = OutputFormat(output_format)
     config = config or ScoringConfig()
     out = Path(out_dir)
     pool = DecodePool(scorer.processor, config) if config.num_workers > 0 else None
     try:
         for tar_path in tar_paths:
-            table, _ = table_paths(out, tar_path)
+            table, _ = output_paths(out, tar_path, output_format)
             try:
                 summary = score_tar(
                     tar_path,
@@ -468,13 +516,14 @@ def score_tars(
                     progress=progress,
                     force=force,
                     pool=pool,
+                    output_format=output_format,
                 )
             except OutputError:
                 raise  # the output folder cannot take files: every later tar would fail the same way
             except Exception as exc:  # one tar never stops the block: record it and go on
                 logger.error("%s could not be scored: %s", Path(tar_path).name, short_error(exc))
                 logger.debug("traceback of %s", tar_path, exc_info=True)
-                summary = _failed_summary(out, tar_path, source, exc)
+                summary = _failed_summary(out, tar_path, source, exc, output_format)
             yield summary
     finally:
         if pool is not None:

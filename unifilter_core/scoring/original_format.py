@@ -39,8 +39,16 @@ _RENAMED = {"status": "json_status", "reason": "json_reason", "quality_score": "
 def original_table_paths(
     out_dir: str | os.PathLike[str], tar_path: str | os.PathLike[str]
 ) -> tuple[Path, Path]:
-    """``(<out>/<stem>_quality_score.parquet, <out>/<stem>_quality_score.manifest.json)`` for ``<stem>.tar``."""
-    stem = Path(tar_path).name.split(".")[0] + ORIGINAL_SUFFIX
+    """``(<out>/<NNNNNNNN>_quality_score.parquet, <out>/<NNNNNNNN>_quality_score.manifest.json)`` for a tar.
+
+    ``NNNNNNNN`` is the tar id in 8 digits, as the original names them (``shard_7.tar`` -> ``00000007``); a tar
+    name without an id keeps its stem.
+    """
+    from unifilter_core.paths import shard_id
+
+    number = shard_id(Path(tar_path).name)
+    base = f"{number:08d}" if number is not None else Path(tar_path).name.split(".")[0]
+    stem = base + ORIGINAL_SUFFIX
     out = Path(out_dir)
     return out / f"{stem}.parquet", out / f"{stem}.manifest.json"
 
@@ -93,17 +101,22 @@ class OriginalTableWriter:
         self._rows.clear()
 
     def write(self, rows: Iterable[Any]) -> None:
-        """Add rows: objects with ``key``, ``result`` (a ScoreResult) and ``meta`` (the sample json or None)."""
+        """Add rows: objects with ``key``, ``result`` (a ScoreResult), ``meta`` (the sample json or None) and
+        optionally ``uid``/``url`` (used when there is no json) and ``flags``."""
         for row in rows:
-            meta = {_RENAMED.get(k, k): v for k, v in _clean(dict(getattr(row, "meta", None) or {})).items()}
+            source = getattr(row, "meta", None)
+            if not source:  # a sample whose json could not be read: the ids the reader still found
+                source = {k: v for k in ("uid", "url") if (v := getattr(row, k, None)) is not None}
+            meta = {_RENAMED.get(k, k): v for k, v in _clean(dict(source)).items()}
             meta.pop("key", None)  # the json's key is the sample key; ours is authoritative
             result = row.result
+            flags = {str(f) for f in (*(result.flags or ()), *(getattr(row, "flags", None) or ()))}
             own: dict[str, Any] = {
                 "key": escape_unencodable(str(row.key))[0],
                 "status": str(result.status),
                 "reason": None if result.reason is None else str(result.reason),
                 "quality_score": result.score,
-                "flags": ",".join(sorted(set(result.flags))) or None,
+                "flags": ",".join(sorted(flags)) or None,
             }
             if self.multi_label:
                 own["quality_class"] = result.quality_class

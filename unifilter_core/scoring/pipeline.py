@@ -37,6 +37,8 @@ class SampleItem:
         prepared: the model input, or None when the sample failed before the model.
         failure: the row of a failed sample (None when ``prepared`` is set).
         flags: :class:`~unifilter_core.records.Flag` codes the reader, decoder or processor set (row ``flags``).
+        meta: the sample json of a decoded caption sample (escaped), for the original-form table; None for
+            documents and for samples whose json could not be read.
     """
 
     index: int
@@ -46,6 +48,7 @@ class SampleItem:
     prepared: PreparedSample | None
     failure: ScoreResult | None
     flags: list[str] = field(default_factory=list)
+    meta: dict[str, Any] | None = None
 
     @property
     def pixel_bytes(self) -> int:
@@ -102,6 +105,7 @@ def _decode_and_prepare(item: SampleItem, raw: Any, kind: SampleKind, processor:
     item.uid, item.url = _ids_from_meta(decoded.meta)
     item.add_flags(decoded)
     if kind is SampleKind.CAPTION:
+        item.meta = decoded.meta or None
         prepared = processor.prepare_caption(decoded.image, decoded.text)
     else:
         prepared = processor.prepare_document(decoded.texts, decoded.images)

@@ -78,6 +78,7 @@ class ScoreRow:
         url: ``url`` from the sample json when present.
         result: the outcome (score or failure reason).
         flags: :class:`~unifilter_core.records.Flag` codes of the sample (merged with ``result.flags``).
+        meta: the sample json (caption tars), written only by the original-form table.
     """
 
     key: str
@@ -85,6 +86,7 @@ class ScoreRow:
     url: str | None
     result: ScoreResult
     flags: list[str] = field(default_factory=list)
+    meta: dict[str, Any] | None = None
 
 
 def _safe(value: str | None) -> str | None:
