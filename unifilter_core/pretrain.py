@@ -18,7 +18,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from unifilter_core.data.writer import atomic_write_bytes
+from unifilter_core.fileio import atomic_file, atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -76,13 +76,14 @@ class _ImageSource:
 
     def copy_to(self, rel: str, dest: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.tmp")
-        if self.zip:
-            with self.zip.open(self.names[rel]) as src, open(tmp, "wb") as out:
-                shutil.copyfileobj(src, out)
-        else:
-            shutil.copyfile(self.path / rel, tmp)
-        os.replace(tmp, dest)
+        # atomic, not fsynced: one of many thousands of images, rebuilt by a rerun after a crash
+        with atomic_file(dest, mode=0o644, durable=False) as out:
+            if self.zip:
+                with self.zip.open(self.names[rel]) as src:
+                    shutil.copyfileobj(src, out)
+            else:
+                with open(self.path / rel, "rb") as src:
+                    shutil.copyfileobj(src, out)
 
     def close(self) -> None:
         if self.zip:

@@ -25,12 +25,11 @@ import torch
 from PIL import Image
 
 from unifilter_core.data.limits import DEFAULT_MAX_PIXELS
+from unifilter_core.prepare import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, caption_ids, fit_ids
 from unifilter_core.records import Reason, SampleFailure
 
 logger = logging.getLogger(__name__)
 
-IMAGE_TOKEN_INDEX = -200  # sentinel id replaced by an image's projected vectors
-IMAGE_TOKEN = "<image>"
 IMAGE_PLACEHOLDER = "<image-placeholder>"  # a literal "<image>" inside document text becomes this
 PAD_COLOR = (127, 127, 127)  # int(0.5 * 255) per channel: the tower's image mean
 DOC_SLOT_SEPARATOR = "\n\n"
@@ -307,6 +306,26 @@ class UniFilterProcessor:
                 ids.extend(self.tokenize(chunk))
         return ids
 
+    def document_ids(
+        self, prompt: str, max_text_tokens: int | None
+    ) -> tuple[list[int], int, bool] | SampleFailure:
+        """``[BOS, *tokenize_with_images(prompt), EOS]``, ``too_many_tokens`` when longer than ``max_text_tokens``
+        (None: no limit) before splicing, else fitted to ``max_length`` (:func:`prepare.fit_ids`): the ids of
+        documents here and in training (:mod:`unifilter_core.prepare` holds the shared caption functions).
+
+        Returns:
+            (ids, images kept, truncated), or the failure.
+        """
+        ids = [self.bos_id, *self.tokenize_with_images(prompt), self.eos_id]
+        if max_text_tokens is not None and len(ids) > max_text_tokens:
+            return SampleFailure(
+                Reason.TOO_MANY_TOKENS,
+                detail=f"{len(ids)} ids before splicing > max_text_tokens={max_text_tokens}",
+                n_tokens=self.spliced_length(ids),
+            )
+        fitted, n_kept = fit_ids(ids, self.config.max_length, self.config.num_image_tokens)
+        return fitted, n_kept, len(fitted) < len(ids)
+
     def spliced_length(self, input_ids: list[int]) -> int:
         """Length of ``input_ids`` after each sentinel becomes ``num_image_tokens`` vectors."""
         n_images = sum(1 for t in input_ids if t == IMAGE_TOKEN_INDEX)
@@ -374,19 +393,7 @@ class UniFilterProcessor:
         too_large = self.too_large(decoded)
         if too_large is not None:
             return too_large
-        ids = [
-            self.bos_id,
-            IMAGE_TOKEN_INDEX,
-            *self.tokenize("\n" + text.replace(IMAGE_TOKEN, "image")),
-            self.eos_id,
-        ]
-        truncated = False
-        cap = self.config.caption_max_tokens
-        if cap is not None and len(ids) > cap:
-            ids, truncated = ids[: cap - 1] + [self.eos_id], True
-        keep = self.config.max_length - self.config.num_image_tokens  # ids before EOS that fit max_length
-        if len(ids) - 1 > keep:
-            ids, truncated = ids[:keep] + [self.eos_id], True
+        ids, truncated = caption_ids(self, text, self.config.caption_max_tokens)
         try:
             pixels = self._stack([decoded])
         except (OSError, ValueError) as exc:
@@ -427,17 +434,11 @@ class UniFilterProcessor:
             return SampleFailure(
                 Reason.TOO_MANY_IMAGES, detail=f"{n_images} images > max_images={limit}", n_images=n_images
             )
-        ids = [self.bos_id, *self.tokenize_with_images(DOC_SLOT_SEPARATOR.join(parts.slots)), self.eos_id]
-        limit = self.config.max_text_tokens
-        if limit is not None and len(ids) > limit:
-            return SampleFailure(
-                Reason.TOO_MANY_TOKENS,
-                detail=f"{len(ids)} ids before splicing > max_text_tokens={limit}",
-                n_images=n_images,
-                n_tokens=self.spliced_length(ids),
-            )
-        fitted, n_kept = self._fit_document(ids)
-        truncated = len(fitted) < len(ids)
+        built = self.document_ids(DOC_SLOT_SEPARATOR.join(parts.slots), self.config.max_text_tokens)
+        if isinstance(built, SampleFailure):
+            built.n_images = n_images
+            return built
+        fitted, n_kept, truncated = built
         try:
             pixels = self._stack(parts.images[:n_kept])
         except (OSError, ValueError) as exc:
@@ -480,20 +481,3 @@ class UniFilterProcessor:
                     parts.slots.append(IMAGE_TOKEN)
                     parts.images.append(decoded)
         return parts
-
-    def _fit_document(self, ids: list[int]) -> tuple[list[int], int]:
-        """Cut ``[BOS, body..., EOS]`` so its spliced length fits ``max_length``, keeping BOS and EOS.
-
-        Returns:
-            The ids and the number of images (sentinels) kept.
-        """
-        budget = self.config.max_length - 2  # BOS and EOS
-        body, used, n_images = [], 0, 0
-        for token in ids[1:-1]:
-            cost = self.config.num_image_tokens if token == IMAGE_TOKEN_INDEX else 1
-            if used + cost > budget:
-                break
-            body.append(token)
-            used += cost
-            n_images += token == IMAGE_TOKEN_INDEX
-        return [ids[0], *body, ids[-1]], n_images

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from unifilter_core.fileio import sha256_file
 from unifilter_core.head_scores import LabelScore, label_scores
 from unifilter_core.hub_cache import resolve_reference
 from unifilter_core.processing import (
@@ -179,12 +180,9 @@ def file_sha256(path: Path, chunk_size: int = 1 << 22) -> str:
     with _DIGEST_LOCK:
         if key in _DIGEST_CACHE:
             return _DIGEST_CACHE[key]
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
+    digest = sha256_file(path, chunk_size)
     with _DIGEST_LOCK:
-        _DIGEST_CACHE[key] = digest.hexdigest()
+        _DIGEST_CACHE[key] = digest
     return _DIGEST_CACHE[key]
 
 

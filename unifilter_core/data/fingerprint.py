@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import NamedTuple
 
-_CHUNK = 1 << 20
+from unifilter_core.fileio import sha256_file
 
 
 class TarStat(NamedTuple):
@@ -26,11 +25,7 @@ def tar_fingerprint(path: str | os.PathLike[str]) -> str:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"cannot fingerprint {p}: not a file")
-    digest = hashlib.sha256()
-    with open(p, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_file(p)
 
 
 def tar_stat(path: str | os.PathLike[str]) -> TarStat:

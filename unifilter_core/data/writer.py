@@ -3,6 +3,7 @@
 Every file is written to a hidden temporary file in the destination folder, flushed and fsynced, then renamed
 into place (``os.replace``) and the folder fsynced, so a crash leaves either the previous file or the complete
 new one, never a partial file under the final name (at worst a ``.<name>.*.tmp`` file, which readers ignore).
+The write itself is :func:`unifilter_core.fileio.atomic_file`; this module adds the output lock and stale-temp cleanup.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import json
 import logging
 import os
 import tarfile
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -25,6 +25,7 @@ from filelock import FileLock, Timeout
 
 from unifilter_core.data.limits import ReaderLimits
 from unifilter_core.data.tars import is_unsafe_member_name, iter_raw_samples, split_key
+from unifilter_core.fileio import atomic_file, atomic_write_bytes  # both also imported from here
 from unifilter_core.records import Reason
 
 logger = logging.getLogger(__name__)
@@ -55,20 +56,6 @@ class FilteredTarSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename durable; a no-op where directories cannot be opened (e.g. Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError as exc:  # some filesystems refuse fsync on directories; the rename itself already happened
-        logger.debug("fsync of %s failed: %s", folder, exc)
-    finally:
-        os.close(fd)
 
 
 def _check_destination(out_path: str | os.PathLike[str]) -> Path:
@@ -161,34 +148,7 @@ def atomic_output(out_path: str | os.PathLike[str], *, lock: bool = False) -> It
         if lock:
             stack.enter_context(exclusive_lock(lock_path_for(out), f"another writer of {out}"))
         remove_stale_temp_files(out, older_than_s=0.0 if lock else STALE_TEMP_SECONDS)
-        yield stack.enter_context(_temp_then_rename(out))
-
-
-@contextlib.contextmanager
-def _temp_then_rename(out: Path) -> Iterator[BinaryIO]:
-    tmp: Path | None = None
-    try:
-        with tempfile.NamedTemporaryFile(
-            dir=out.parent, prefix=f".{out.name}.", suffix=".tmp", delete=False
-        ) as handle:
-            tmp = Path(handle.name)
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-        raise
-    _fsync_dir(out.parent)
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
-    with atomic_output(path) as handle:
-        handle.write(data)
-    return Path(path)
+        yield stack.enter_context(atomic_file(out))
 
 
 def write_manifest_json(path: str | os.PathLike[str], data: dict[str, Any]) -> Path:

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from unifilter_core.catalog import Catalog
+from unifilter_core.fileio import atomic_write_bytes
 from unifilter_core.report.data import (
     SampleRef,
     SourceData,
@@ -77,17 +77,8 @@ def write_workbench(
     """Build the page and write it atomically to ``out`` (default :func:`default_report_path`)."""
     page, n_sources, n_thumbs = build_workbench(catalog, config)
     path = Path(out) if out is not None else default_report_path(catalog.root)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = page.encode("utf-8")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the page is for sharing
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, data, mode=0o644)  # the temporary file is 0600; the page is for sharing
     logger.info(
         "workbench: %d source(s), %d thumbnail(s), %.0f KB -> %s", n_sources, n_thumbs, len(data) / 1e3, path
     )

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 
 from unifilter_core.data.text import escape_unencodable
 from unifilter_core.data.writer import exclusive_lock
+from unifilter_core.fileio import commit_temp
 from unifilter_core.records import Flag, ScoreResult
 from unifilter_core.scoring.output import output_errors
 
@@ -131,39 +132,8 @@ def _temp_name(final: Path) -> Path:
     return final.with_name(f".{final.name}{TMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (best effort where directories cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems refuse fsync on directories; the rename itself is still atomic
-    finally:
-        os.close(fd)
-
-
-def _commit(tmp: Path, final: Path) -> None:
-    """fsync ``tmp``, rename it over ``final`` and fsync the folder."""
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder + fsync + rename."""
-    final = Path(path)
-    tmp = _temp_name(final)
-    try:
-        with output_errors(final):
-            tmp.write_text(text, encoding="utf-8")
-            _commit(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+# fsync the temporary file, rename it over the final one, fsync the folder (a module global: tests patch it)
+_commit = commit_temp
 
 
 def lock_path_for(parquet_path: str | os.PathLike[str]) -> Path:
@@ -401,8 +371,18 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 
 def write_manifest(path: str | os.PathLike[str], manifest: dict[str, Any]) -> None:
-    """Write a manifest atomically (pretty-printed JSON, sorted keys)."""
-    atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+    """Write a manifest atomically (pretty-printed JSON, sorted keys) through a ``.tmp-`` temporary file."""
+    final = Path(path)
+    tmp = _temp_name(final)
+    try:
+        with output_errors(final):
+            tmp.write_text(
+                json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8"
+            )
+            _commit(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def is_complete(parquet_path: str | os.PathLike[str], key: ManifestKey) -> bool:

@@ -30,6 +30,7 @@ from typing import Any
 
 import anthropic
 
+from unifilter_core.fileio import atomic_write_bytes
 from unifilter_core.synth import prompts
 from unifilter_core.synth.claude_sources import (  # re-exported: the sources are part of this API
     SOURCE_TYPES,
@@ -44,7 +45,6 @@ from unifilter_core.synth.ledger import (
     Pricing,
     ResultStore,
     TokenUsage,
-    atomic_write_bytes,
     write_training_json,
 )
 from unifilter_core.synth.pairs_folder import holds_world_pairs

@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from unifilter_core.data.writer import atomic_write_bytes
+from unifilter_core.fileio import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 

@@ -27,9 +27,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from unifilter_core.fileio import atomic_file, atomic_write_bytes
 from unifilter_core.paths import partition_key
 from unifilter_core.synth.levels import make_caption, make_document
-from unifilter_core.synth.world import WorldConfig, atomic_write_bytes, dealt_levels, draw_image, item_rng
+from unifilter_core.synth.world_config import WorldConfig, dealt_levels, draw_image, item_rng
 
 logger = logging.getLogger(__name__)
 
@@ -215,9 +216,8 @@ def write_world_tars(
     rows = caption_rows + doc_rows
     table = pa.Table.from_pylist(rows, schema=TRUTH_SCHEMA)
     truth.parent.mkdir(parents=True, exist_ok=True)
-    tmp = truth.with_name(f".{truth.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, truth)
+    with atomic_file(truth) as handle:
+        pq.write_table(table, handle)
     seconds = time.perf_counter() - start
     summary = {
         "tars": {CAPTION_SOURCE: caption_tars, INTERLEAVED_SOURCE: doc_tars},

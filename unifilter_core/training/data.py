@@ -1,11 +1,14 @@
 """Training data: LLaVA-Pretrain JSON (stage 1) and UniFilter training JSON (stage 2) -> padded batches.
 
-Records are tokenized once when a dataset is built (the same id layout the scorer uses: ``[BOS, ...text with
-IMAGE_TOKEN_INDEX at each <image>..., EOS]``, captions cut to ``caption_max_tokens`` keeping EOS). Images are
-decoded and preprocessed by :class:`~unifilter_core.processing.UniFilterProcessor` on first use and optionally
-cached (the world's small images fit in memory; released-scale data is read lazily). A record that cannot be used
-(bad JSON fields, a missing or undecodable image, too many images or tokens) becomes a :class:`SampleFailure` in
-``dataset.failures``: counted, logged and written to the run's report, never fatal.
+Records are tokenized once when a dataset is built, by the scorer's own functions (:mod:`unifilter_core.prepare`
+and ``UniFilterProcessor.document_ids``, so there is no train/serve skew): stage-1 captions with
+``prepare.caption_ids`` (the scorer's caption layout and limits); stage-2 one-image records as ``[BOS, ...text with
+IMAGE_TOKEN_INDEX at the <image>..., EOS]`` cut like captions (``prepare.cap_and_fit``), the other records with
+``document_ids`` (``max_text_tokens`` checked before the ``max_length`` fit, as the scorer). Images are decoded by
+the readers' hardened decoder and preprocessed by the processor (``prepare.prepare_image``) on first use and
+optionally cached (the world's small images fit in memory; released-scale data is read lazily). A record that
+cannot be used (bad JSON fields, a missing, undecodable or too large image, too many images or tokens) becomes a
+:class:`SampleFailure` in ``dataset.failures``: counted, logged and written to the run's report, never fatal.
 """
 
 from __future__ import annotations
@@ -24,7 +27,15 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from unifilter_core.processing import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, UniFilterProcessor, decode_image
+from unifilter_core.data.images import decode_image
+from unifilter_core.prepare import (
+    IMAGE_TOKEN,
+    IMAGE_TOKEN_INDEX,
+    cap_and_fit,
+    caption_ids,
+    prepare_image,
+)
+from unifilter_core.processing import UniFilterProcessor
 from unifilter_core.records import Reason, SampleFailure
 
 logger = logging.getLogger(__name__)
@@ -66,32 +77,6 @@ def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return data
 
 
-def build_ids(
-    processor: UniFilterProcessor, text: str, n_images: int, caption_max_tokens: int | None
-) -> tuple[list[int], bool]:
-    """``[BOS, *tokens(text) with sentinels at <image>, EOS]``, cut to the processor's limits keeping EOS.
-
-    One-image texts are cut to ``caption_max_tokens`` ids like the scorer's captions; every text is then cut so
-    its spliced length fits ``max_length`` without splitting an image.
-
-    Returns:
-        (ids, truncated)
-    """
-    ids = [processor.bos_id, *processor.tokenize_with_images(text), processor.eos_id]
-    truncated = False
-    if n_images == 1 and caption_max_tokens is not None and len(ids) > caption_max_tokens:
-        ids, truncated = ids[: caption_max_tokens - 1] + [processor.eos_id], True
-    budget = processor.config.max_length - 2
-    body, used = [], 0
-    for token in ids[1:-1]:
-        used += processor.config.num_image_tokens if token == IMAGE_TOKEN_INDEX else 1
-        if used > budget:
-            truncated = True
-            break
-        body.append(token)
-    return [ids[0], *body, ids[-1]], truncated
-
-
 def _as_paths(value: Any) -> list[str] | None:
     if value is None:
         return []
@@ -103,10 +88,11 @@ def _as_paths(value: Any) -> list[str] | None:
 
 
 class ImageStore:
-    """Loads an image file and preprocesses it with the processor; optionally keeps the tensor.
+    """Loads an image file, decodes and preprocesses it as scoring does (:func:`~unifilter_core.prepare.prepare_image`);
+    optionally keeps the tensor.
 
     Args:
-        processor: provides ``preprocess_image`` (``[3, H, W]`` float32).
+        processor: the processor whose cost check and ``preprocess_image`` (``[3, H, W]`` float32) apply.
         cache: keep every preprocessed tensor in memory (small images only).
     """
 
@@ -116,7 +102,7 @@ class ImageStore:
         self._tensors: dict[str, torch.Tensor] = {}
 
     def load(self, path: str) -> torch.Tensor | SampleFailure:
-        """The ``[3, H, W]`` tensor of ``path``, or a failure (missing / undecodable image)."""
+        """The ``[3, H, W]`` tensor of ``path``, or a failure (missing / undecodable / too large image)."""
         hit = self._tensors.get(path)
         if hit is not None:
             return hit
@@ -124,11 +110,10 @@ class ImageStore:
             data = Path(path).read_bytes()
         except OSError as exc:
             return SampleFailure(Reason.MISSING_IMAGE, detail=f"{path}: {exc}")
-        image = decode_image(data)
-        if isinstance(image, SampleFailure):
-            image.detail = f"{path}: {image.detail}"
-            return image
-        tensor = self.processor.preprocess_image(image)
+        tensor = prepare_image(self.processor, data)
+        if isinstance(tensor, SampleFailure):
+            tensor.detail = f"{path}: {tensor.detail}"
+            return tensor
         if self.cache:
             self._tensors[path] = tensor
         return tensor
@@ -277,8 +262,7 @@ class CaptionPretrainDataset(RecordDataset):
             return SampleFailure(Reason.INVALID_FIELDS, detail="need image and conversations with a gpt turn")
         if not isinstance(image, str) or not isinstance(caption, str):
             return SampleFailure(Reason.INVALID_FIELDS, detail="image and caption must be strings")
-        text = IMAGE_TOKEN + "\n" + caption.replace(IMAGE_TOKEN, "image")
-        ids, truncated = build_ids(self.processor, text, 1, cap)
+        ids, truncated = caption_ids(self.processor, caption, cap)
         self.n_truncated += truncated
         return Entry(ids, (str(folder / image),))
 
@@ -372,12 +356,16 @@ class QualityDataset(RecordDataset):
             return SampleFailure(
                 Reason.TOO_MANY_IMAGES, detail=f"{len(paths)} images > {max_images}", n_images=len(paths)
             )
-        ids, truncated = build_ids(self.processor, text, len(paths), cap)
-        if max_text is not None and len(paths) != 1 and len(ids) > max_text:
-            return SampleFailure(
-                Reason.TOO_MANY_TOKENS, detail=f"{len(ids)} ids > {max_text}", n_images=len(paths)
-            )
-        kept = sum(1 for t in ids if t == IMAGE_TOKEN_INDEX)
+        if len(paths) == 1:  # caption layout: the caption limit, like the scorer's prepare_caption
+            p = self.processor
+            ids, truncated = cap_and_fit(p, [p.bos_id, *p.tokenize_with_images(text), p.eos_id], cap)
+            kept = sum(1 for t in ids if t == IMAGE_TOKEN_INDEX)
+        else:  # like the scorer's prepare_document: max_text_tokens before the max_length fit
+            built = self.processor.document_ids(text, max_text)
+            if isinstance(built, SampleFailure):
+                built.n_images = len(paths)
+                return built
+            ids, kept, truncated = built
         self.n_truncated += truncated
         return Entry(ids, tuple(str(folder / p) for p in paths[:kept]), label)
 
@@ -462,7 +450,7 @@ def _check_class_labels(labels: list[int | float]) -> None:
 
 
 def load_pil(path: str | os.PathLike[str]) -> Image.Image | SampleFailure:
-    """Decode one image file (for callers outside the datasets)."""
+    """Decode one image file with the readers' hardened decoder (for callers outside the datasets)."""
     try:
         return decode_image(Path(path).read_bytes())
     except OSError as exc:
