@@ -23,7 +23,7 @@ from unifilter_core.processing import DOC_SLOT_SEPARATOR, PreparedSample, Proces
 from unifilter_core.records import Reason
 from unifilter_core.scorer import load_scorer
 from unifilter_core.training.config import load_config
-from unifilter_core.training.data import CaptionPretrainDataset, QualityDataset, token_labels
+from unifilter_core.training.data import CaptionPretrainDataset, Collator, QualityDataset, token_labels
 from unifilter_core.training.stage1 import _processor as stage1_processor
 from unifilter_core.training.stage2 import make_dataset, make_processor
 
@@ -113,6 +113,13 @@ def test_caption_and_document_inputs_equal_the_scorers(
     )  # the fit bites at 40
     _assert_same(dataset[1], document)
     assert dataset[1]["labels"] == 1
+
+    # the batch: the training collator and the scorer's collate pad the same way
+    batch = Collator(scorer.pad_id)([dataset[0], dataset[1]])
+    served = scorer._collate([caption, document])
+    assert torch.equal(batch["input_ids"], served["input_ids"])
+    assert torch.equal(batch["attention_mask"], served["attention_mask"])
+    assert torch.equal(batch["pixel_values"], served["pixel_values"])
 
 
 def test_stage1_caption_inputs_equal_the_scorers(

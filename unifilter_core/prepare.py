@@ -8,6 +8,7 @@
   images never cut;
 * :func:`prepare_image`: untrusted bytes -> the hardened decoder (:func:`unifilter_core.data.images.decode_image`,
   format allow-list and pixel limit) -> the processor's cost check and preprocessing, what the scoring readers do;
+* :func:`right_pad`: ``[B, T]`` right-padded ids and the mask from lengths (scorer and training collators).
 
 The image sentinel constants live here: :mod:`unifilter_core.processing` imports this module (and re-exports
 them); this module imports it for type hints only.
@@ -15,6 +16,7 @@ them); this module imports it for type hints only.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -101,3 +103,27 @@ def prepare_image(
     if too_large is not None:
         return too_large
     return processor.preprocess_image(image)
+
+
+def right_pad(
+    rows: Sequence[Sequence[int]], pad_value: int, *, length: int | None = None, pin_memory: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad id rows into ``[B, T]`` long tensors.
+
+    Args:
+        rows: the id sequences (at least one).
+        pad_value: value after each row's end (a pad id, or ``-100`` for label rows).
+        length: ``T``; the longest row when None.
+        pin_memory: allocate in pinned host memory (for non-blocking copies to a GPU).
+
+    Returns:
+        (values, mask): ``mask`` is 1 on each row's first ``len(row)`` positions, 0 after (from lengths, never
+        from the pad value).
+    """
+    length = max(len(r) for r in rows) if length is None else length
+    values = torch.full((len(rows), length), pad_value, dtype=torch.long, pin_memory=pin_memory)
+    mask = torch.zeros((len(rows), length), dtype=torch.long, pin_memory=pin_memory)
+    for row, ids in enumerate(rows):
+        values[row, : len(ids)] = torch.tensor(list(ids), dtype=torch.long)
+        mask[row, : len(ids)] = 1
+    return values, mask

@@ -29,6 +29,7 @@ import torch
 from unifilter_core.fileio import sha256_file
 from unifilter_core.head_scores import LabelScore, label_scores
 from unifilter_core.hub_cache import resolve_reference
+from unifilter_core.prepare import right_pad
 from unifilter_core.processing import (
     IMAGE_TOKEN_INDEX,
     AspectMode,
@@ -264,9 +265,6 @@ class Scorer:
     # ------------------------------------------------------------------------------------------------ model
     def _collate(self, samples: Sequence[PreparedSample]) -> dict[str, torch.Tensor | None]:
         """Right-pad ids to ``[B, T]``, mask ``[B, T]`` from lengths, pixel values ``[N, 3, H, W]`` in order."""
-        longest = max(len(s.input_ids) for s in samples)
-        input_ids = torch.full((len(samples), longest), self.pad_id, dtype=torch.long, pin_memory=self._pin)
-        attention_mask = torch.zeros((len(samples), longest), dtype=torch.long, pin_memory=self._pin)
         pixels = []
         for row, sample in enumerate(samples):
             n_sentinels = sum(1 for t in sample.input_ids if t == IMAGE_TOKEN_INDEX)
@@ -276,10 +274,10 @@ class Scorer:
                     f"sample {row} has {n_sentinels} image sentinels in input_ids, n_images={sample.n_images} and "
                     f"{n_pixels} images in pixel_values; these must be equal"
                 )
-            input_ids[row, : len(sample.input_ids)] = torch.tensor(sample.input_ids, dtype=torch.long)
-            attention_mask[row, : len(sample.input_ids)] = 1
             if n_pixels:
                 pixels.append(sample.pixel_values)
+        rows = [s.input_ids for s in samples]
+        input_ids, attention_mask = right_pad(rows, self.pad_id, pin_memory=self._pin)
         pixel_values = None
         if pixels:
             n_rows = sum(int(p.shape[0]) for p in pixels)

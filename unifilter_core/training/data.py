@@ -34,6 +34,7 @@ from unifilter_core.prepare import (
     cap_and_fit,
     caption_ids,
     prepare_image,
+    right_pad,
 )
 from unifilter_core.processing import UniFilterProcessor
 from unifilter_core.records import Reason, SampleFailure
@@ -414,13 +415,7 @@ class Collator:
         items = [it for it in items if it is not None]
         if not items:
             raise ValueError("every sample of a batch failed to load; see the warnings above")
-        length = max(len(it["input_ids"]) for it in items)
-        ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(items), length), dtype=torch.long)
-        for row, it in enumerate(items):
-            n = len(it["input_ids"])
-            ids[row, :n] = torch.tensor(it["input_ids"], dtype=torch.long)
-            mask[row, :n] = 1
+        ids, mask = right_pad([it["input_ids"] for it in items], self.pad_token_id)
         pixels = [it["pixel_values"] for it in items if it["pixel_values"].numel()]
         batch: dict[str, torch.Tensor] = {"input_ids": ids, "attention_mask": mask}
         if pixels:
@@ -432,10 +427,8 @@ class Collator:
             dtype = torch.float32 if self.float_labels else torch.long
             batch["labels"] = torch.tensor(labels, dtype=dtype)
         if "token_labels" in items[0]:
-            tl = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
-            for row, it in enumerate(items):
-                tl[row, : len(it["token_labels"])] = torch.tensor(it["token_labels"], dtype=torch.long)
-            batch["token_labels"] = tl
+            rows = [it["token_labels"] for it in items]
+            batch["token_labels"], _ = right_pad(rows, IGNORE_INDEX, length=ids.shape[1])
         return batch
 
 
