@@ -60,6 +60,10 @@ def _is_transient(exc: BaseException) -> bool:
 def file_lock(path: Path, *, exclusive: bool, timeout: float) -> Iterator[None]:
     """Hold ``flock`` on ``path`` (created if needed) for the ``with`` block.
 
+    Plain ``fcntl.flock`` rather than ``filelock`` (used for every other lock of the project): readers share this
+    lock (``LOCK_SH``) while a writer holds it alone, and ``filelock.FileLock`` (``filelock>=3.12``, the declared
+    dependency) has exclusive locks only.
+
     Args:
         path: the lock file.
         exclusive: exclusive (writer) or shared (reader) lock.

@@ -13,7 +13,6 @@ The API key is read from ``ANTHROPIC_API_KEY`` only, handed to the SDK and never
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import anthropic
+from filelock import FileLock, Timeout
 
 from unifilter_core.fileio import atomic_write_bytes
 from unifilter_core.synth import prompts
@@ -219,16 +219,21 @@ class _Budget:
 
 @contextmanager
 def _exclusive(out_dir: Path) -> Iterator[None]:
+    """Hold ``<out_dir>/.synth.lock`` for the block; fail at once (no waiting) when another run holds it.
+
+    A fresh :class:`~filelock.FileLock` per run (not a per-path singleton), so a second run in the same process
+    is refused like one in another process.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / ".synth.lock", "w") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise ClaudeRunError(f"another `unifilter synth` run is writing {out_dir}; wait for it") from exc
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    lock = FileLock(out_dir / ".synth.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout as exc:
+        raise ClaudeRunError(f"another `unifilter synth` run is writing {out_dir}; wait for it") from exc
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 class ClaudeGenerator:
