@@ -145,8 +145,12 @@ def score_partition(
     catalog: Catalog | None = None,
     progress: bool = False,
     force: bool = False,
+    request_key: str | None = None,
 ) -> dict[str, Any]:
     """Score one tar into its score table (skipped when up to date) and record its statistics.
+
+    ``request_key`` (:func:`unifilter_core.scoring.resume.request_key`) is recorded in the manifest, so the
+    next identical request is answered by :func:`resume_partition` without the model.
 
     The score folder must belong to this source's input folder (``.source.json``, written on first use): a
     source whose ``path`` was changed does not mix its tables with the old folder's.
@@ -174,11 +178,44 @@ def score_partition(
         config=config,
         progress=progress,
         force=force,
+        request_key=request_key,
     )
     result: dict[str, Any] = {"summary": summary, "table": str(out)}
     if catalog is not None:
         stats = catalog.record_score_stats(partition_key, out)
         result["stats"] = asdict(stats)
+    return result
+
+
+def resume_partition(
+    root: Path,
+    spec: SourceSpec,
+    tar: Path,
+    partition_key: str,
+    request_key: str,
+    *,
+    catalog: Catalog | None = None,
+) -> dict[str, Any] | None:
+    """What :func:`score_partition` returns for an up-to-date table, found from its manifest alone; else None.
+
+    Neither the model nor the tar is read: the manifest must record ``request_key`` (same tar, checkpoint files
+    and settings by size and mtime, see :mod:`unifilter_core.scoring.resume`). Statistics are recomputed from
+    the table when ``catalog`` is given, as after scoring. None means "score it" (the full check may still
+    resume after hashing the tar).
+    """
+    from unifilter_core.scoring.engine import summary_from_manifest
+    from unifilter_core.scoring.resume import resumable_manifest
+    from unifilter_core.scoring.source_marker import check_source_marker
+
+    out = score_table_path(root, spec.name, tar)
+    if resumable_manifest(out, request_key) is None:
+        return None
+    hint = "move or delete that score folder, or give this source another name"
+    check_source_marker(out.parent, spec.name, tar.parent, hint=hint)
+    summary = summary_from_manifest(tar, out, partition_key)
+    result: dict[str, Any] = {"summary": summary, "table": str(out)}
+    if catalog is not None:
+        result["stats"] = asdict(catalog.record_score_stats(partition_key, out))
     return result
 
 

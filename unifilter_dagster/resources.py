@@ -169,30 +169,49 @@ class ScoringModelResource(dg.ConfigurableResource):
             return "cpu"
         return f"cuda:{int(gpu_tag)}" if gpu_tag is not None else "cuda"
 
-    def load(self, root: Path, gpu_tag: str | None = None) -> Any:
-        """A cached ``Scorer`` for this process (one per checkpoint/device/options)."""
-        from unifilter_core.scorer import load_scorer, resolve_checkpoint
+    def load_options(self, root: Path, gpu_tag: str | None = None) -> tuple[Path, dict[str, Any]]:
+        """The checkpoint folder and the ``load_scorer`` options of this run (no weights read).
+
+        The one place that turns the resource's fields into scorer options: :meth:`load` passes them to
+        ``load_scorer`` and :meth:`request_key` hashes them, so a new option is added here only.
+        """
+        from unifilter_core.scorer import resolve_checkpoint
 
         path = resolve_checkpoint(self.resolve_checkpoint(root))  # a clear error for a wrong folder
         device = self.resolve_device(gpu_tag)
         dtype = (
             self.dtype if self.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
         )
-        key = (str(path), os.stat(path / "config.json").st_mtime_ns, device, dtype, self.batch_size,
-               self.image_aspect_ratio, self.vision_tower, self.packing, self.compile_vision)  # fmt: skip
+        options = {
+            "device": device,
+            "dtype": dtype,
+            "image_aspect_ratio": self.image_aspect_ratio,
+            "vision_tower": self.vision_tower,
+            "packing": {"off": False, "on": True}.get(self.packing, "auto"),
+            "compile_vision": self.compile_vision if device.startswith("cuda") else None,
+        }
+        return path, options
+
+    def request_key(self, root: Path, gpu_tag: str | None, kind: str, tar: Path, config: Any) -> str:
+        """The :func:`~unifilter_core.scoring.resume.request_key` of scoring ``tar`` with this resource."""
+        from unifilter_core.scoring.resume import request_key
+
+        path, options = self.load_options(root, gpu_tag)
+        extra = [options["vision_tower"]] if options["vision_tower"] else []
+        return request_key(
+            tar=tar, checkpoint=path, kind=kind, settings=options, config=config, extra_dirs=extra
+        )
+
+    def load(self, root: Path, gpu_tag: str | None = None) -> Any:
+        """A cached ``Scorer`` for this process (one per checkpoint and options; the batch size is not one)."""
+        from unifilter_core.scorer import load_scorer
+
+        path, options = self.load_options(root, gpu_tag)
+        key = (str(path), os.stat(path / "config.json").st_mtime_ns, *sorted(options.items()))
         with _SCORER_LOCK:
             if key not in _SCORER_CACHE:
                 _SCORER_CACHE.clear()
-                _SCORER_CACHE[key] = load_scorer(
-                    path,
-                    device=device,
-                    dtype=dtype,
-                    batch_size=self.batch_size,
-                    image_aspect_ratio=self.image_aspect_ratio,
-                    vision_tower=self.vision_tower,
-                    packing={"off": False, "on": True}.get(self.packing, "auto"),
-                    compile_vision=self.compile_vision if device.startswith("cuda") else None,
-                )
+                _SCORER_CACHE[key] = load_scorer(path, batch_size=self.batch_size, **options)
             return _SCORER_CACHE[key]
 
     def scoring_config(self) -> Any:

@@ -119,17 +119,18 @@ class ScoringConfig:
         return self.bucket_window * self.batch_size
 
 
-def _as_dict(obj: Any) -> Any:
+def as_plain(obj: Any) -> Any:
+    """``obj`` as JSON-ready values: dataclasses as dicts, enums as their values, other objects as ``str``."""
     if obj is None:
         return None
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _as_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: as_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, Enum):
         return obj.value
     if isinstance(obj, (list, tuple)):
-        return [_as_dict(v) for v in obj]
+        return [as_plain(v) for v in obj]
     if isinstance(obj, dict):
-        return {str(k): _as_dict(v) for k, v in obj.items()}
+        return {str(k): as_plain(v) for k, v in obj.items()}
     if isinstance(obj, (str, int, float, bool)):
         return obj
     return str(obj)
@@ -152,8 +153,8 @@ def canonical_config(kind: SampleKind | str, config: ScoringConfig, scorer: Any)
         "dtype": scorer_dtype(scorer),
         # packed and padded batches agree to 1e-5 in fp32 but only to ~1e-3 in bf16
         "packing": bool(getattr(scorer, "uses_packing", False)),
-        "processing": _as_dict(scorer.processor.config),
-        "reader_limits": _as_dict(config.reader_limits),
+        "processing": as_plain(scorer.processor.config),
+        "reader_limits": as_plain(config.reader_limits),
     }
 
 

@@ -194,11 +194,14 @@ def _build_manifest(job: _Job, meta: dict[str, Any]) -> dict[str, Any]:
         "config": job.canon,
         "config_hash": job.key.config_hash,
         "code_version": unifilter_core.__version__,
+        **({"request_key": job.request_key} if job.request_key else {}),
         **meta,
     }
 
 
-def _summary_from_manifest(tar_path: Path, table: Path, manifest_path: Path, pkey: str) -> TarScoreSummary:
+def summary_from_manifest(tar_path: Path, table: Path, pkey: str) -> TarScoreSummary:
+    """The summary of an up-to-date table (``resumed=True``), from its manifest."""
+    manifest_path = manifest_path_for(table)
     manifest = read_manifest(manifest_path) or {}
     counts = manifest.get("counts", {})
     return TarScoreSummary(
@@ -226,6 +229,7 @@ def score_tar(
     force: bool = False,
     pool: DecodePool | None = None,
     output_format: OutputFormat | str = OutputFormat.UNIFILTER,
+    request_key: str | None = None,
 ) -> TarScoreSummary:
     """Score every sample of one tar into ``out_path`` (a parquet score table) and its manifest sidecar.
 
@@ -249,6 +253,9 @@ def score_tar(
             the sample json fields and ``quality_score``, see :mod:`~unifilter_core.scoring.original_format`;
             ``out_path`` is then ``<out_dir>/<stem>_quality_score.parquet``). Manifest, resume and locking
             work the same for both.
+        request_key: the caller's :func:`~unifilter_core.scoring.resume.request_key`, recorded in the manifest
+            (also when the table is found up to date), so the next identical request resumes without loading
+            the model or reading the tar.
 
     Returns:
         A :class:`TarScoreSummary`.
@@ -279,20 +286,22 @@ def score_tar(
     key = ManifestKey(tar_fingerprint(tar), str(scorer.model_fingerprint), config_hash(canon))
     if not force and is_complete(table, key):
         logger.info("%s is up to date (%s), skipping", table.name, pkey)
-        return _summary_from_manifest(tar, table, manifest_path, pkey)
+        _record_request_key(table, request_key)
+        return summary_from_manifest(tar, table, pkey)
 
     with output_errors(table.parent):
         table.parent.mkdir(parents=True, exist_ok=True)
     with table_lock(table):
         if not force and is_complete(table, key):  # another run finished it while this one waited
             logger.info("%s was completed by another run (%s), skipping", table.name, pkey)
-            return _summary_from_manifest(tar, table, manifest_path, pkey)
+            _record_request_key(table, request_key, locked=True)
+            return summary_from_manifest(tar, table, pkey)
         clean_stale_temp_files(table.parent, table.name.split(".")[0])  # only under the lock: no live writer
         own_pool = pool is None and config.num_workers > 0
         if own_pool:
             pool = DecodePool(scorer.processor, config)
         try:
-            job = _Job(tar, table, manifest_path, kind, source, pkey, key, canon, output_format)
+            job = _Job(tar, table, manifest_path, kind, source, pkey, key, canon, output_format, request_key)
             return _score(job, scorer, config, progress, pool)
         finally:
             if own_pool and pool is not None:
@@ -312,6 +321,21 @@ class _Job:
     key: ManifestKey
     canon: dict[str, Any]
     output_format: OutputFormat = OutputFormat.UNIFILTER
+    request_key: str | None = None
+
+
+def _record_request_key(table: Path, request_key: str | None, *, locked: bool = False) -> None:
+    """Store ``request_key`` in an up-to-date table's manifest when it records another one (under the lock)."""
+    manifest_path = manifest_path_for(table)
+    if request_key is None or (read_manifest(manifest_path) or {}).get("request_key") == request_key:
+        return
+    try:
+        with contextlib.nullcontext() if locked else table_lock(table):
+            manifest = read_manifest(manifest_path)
+            if manifest is not None:
+                write_manifest(manifest_path, {**manifest, "request_key": request_key})
+    except OSError as exc:  # only a shortcut for the next run is lost
+        logger.warning("could not record the request key in %s: %s", manifest_path, exc)
 
 
 def head_labels(scorer: Any) -> int:

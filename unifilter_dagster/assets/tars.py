@@ -13,6 +13,7 @@ from unifilter_core.pipeline import (
     discover_tar_records,
     filter_partition,
     resolve_partition,
+    resume_partition,
     score_partition,
     score_quantiles_by_source,
 )
@@ -152,20 +153,30 @@ def scores(
     duckdb: DuckDBResource,
     scoring_model: ScoringModelResource,
 ) -> dg.MaterializeResult:
-    """The score table of one tar: one row per sample (ok, skipped or error, with a reason code)."""
+    """The score table of one tar: one row per sample (ok, skipped or error, with a reason code).
+
+    An up-to-date table (its manifest records this very request) is answered without loading the model or
+    reading the tar; otherwise the tar is scored (or, when only its timestamp changed, resumed after hashing).
+    """
     root = home.root_path
     spec, tar = resolve_partition(root, home.source_specs(), context.partition_key)
     # bad options fail here, before the model or the catalog is opened
     config = scoring_model.scoring_config()
-    scorer = scoring_model.load(root, context.run.tags.get(GPU_TAG))
+    gpu = context.run.tags.get(GPU_TAG)
+    key = scoring_model.request_key(root, gpu, spec.kind, tar, config)
     catalog = home.catalog(duckdb)
     with timed() as timing:
-        result = score_partition(root, spec, tar, context.partition_key, scorer, config, catalog=catalog)
+        result = resume_partition(root, spec, tar, context.partition_key, key, catalog=catalog)
+        if result is None:
+            scorer = scoring_model.load(root, gpu)
+            result = score_partition(root, spec, tar, context.partition_key, scorer, config, catalog=catalog,
+                                     request_key=key)  # fmt: skip
     summary, stats = result["summary"], result["stats"]
     from unifilter_core.scoring import read_manifest
 
     manifest = read_manifest(summary.manifest_path) or {}
-    record(catalog, context, timing, rows=summary.rows, model_fingerprint=scorer.model_fingerprint,
+    fingerprint = manifest.get("model_fingerprint")
+    record(catalog, context, timing, rows=summary.rows, model_fingerprint=fingerprint,
            input_fingerprint=(manifest.get("tar") or {}).get("fingerprint"))  # fmt: skip
     stat_view = {k: stats.get(k) for k in ("n_ok", "n_skipped", "n_error", "mean", "p05", "p50", "p95")}
     return dg.MaterializeResult(
@@ -175,7 +186,7 @@ def scores(
             "rows": summary.rows,
             "resumed": summary.resumed,
             "samples_per_s": round(summary.samples_per_s, 2),
-            "model_fingerprint": scorer.model_fingerprint,
+            "model_fingerprint": str(fingerprint),
             "reasons": dg.MetadataValue.json(summary.by_reason),
             **scalar_metadata(stat_view),
             **_score_plots(context.partition_key, stats),
