@@ -187,6 +187,13 @@ def score_partition(
     return result
 
 
+def partition_is_resumable(root: Path, spec: SourceSpec, tar: Path, request_key: str) -> bool:
+    """Whether the tar's table records ``request_key`` (see :func:`resume_partition`); reads only the manifest."""
+    from unifilter_core.scoring.resume import resumable_manifest
+
+    return resumable_manifest(score_table_path(root, spec.name, tar), request_key) is not None
+
+
 def resume_partition(
     root: Path,
     spec: SourceSpec,

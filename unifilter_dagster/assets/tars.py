@@ -12,6 +12,7 @@ from unifilter_core.pipeline import (
     choose_thresholds,
     discover_tar_records,
     filter_partition,
+    partition_is_resumable,
     resolve_partition,
     resume_partition,
     score_partition,
@@ -164,11 +165,12 @@ def scores(
     config = scoring_model.scoring_config()
     gpu = context.run.tags.get(GPU_TAG)
     key = scoring_model.request_key(root, gpu, spec.kind, tar, config)
-    catalog = home.catalog(duckdb)
+    scorer = None if partition_is_resumable(root, spec, tar, key) else scoring_model.load(root, gpu)
+    catalog = home.catalog(duckdb)  # opened once the checkpoint is known to load
     with timed() as timing:
         result = resume_partition(root, spec, tar, context.partition_key, key, catalog=catalog)
         if result is None:
-            scorer = scoring_model.load(root, gpu)
+            scorer = scorer or scoring_model.load(root, gpu)  # the table changed meanwhile
             result = score_partition(root, spec, tar, context.partition_key, scorer, config, catalog=catalog,
                                      request_key=key)  # fmt: skip
     summary, stats = result["summary"], result["stats"]
