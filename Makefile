@@ -4,7 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test test-fast lint
 
 setup:
 	bash scripts/setup.sh
@@ -19,3 +19,8 @@ lint: setup
 test:
 	UNIFILTER_BROWSER=1 bash scripts/setup.sh
 	$(PY) -m pytest -q
+
+# the quick lane for development (CI runs everything with `make test`)
+test-fast:
+	bash scripts/setup.sh
+	$(PY) -m pytest -q -m "not slow"

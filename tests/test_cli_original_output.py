@@ -152,6 +152,7 @@ def test_original_tables_never_go_into_the_catalog_folder(
 README_COMMANDS = (Path(__file__).parent / "original_readme_commands.sh").read_text()
 
 
+@pytest.mark.slow
 def test_the_original_readme_commands_run_verbatim(tmp_path: Path, tiny_checkpoint: Path) -> None:
     assert "filter\\ \n" in README_COMMANDS and "webdataset\\ \n" in README_COMMANDS  # kept byte for byte
     work = tmp_path / "UniFilter"

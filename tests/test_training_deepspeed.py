@@ -20,6 +20,8 @@ pytest.importorskip("deepspeed")
 
 from tests.test_training import WORDS  # noqa: E402 (after the deepspeed skip)
 
+pytestmark = pytest.mark.slow  # DeepSpeed's two-process runs (and its op build on first use)
+
 
 def _free_port() -> int:
     import socket

@@ -21,7 +21,7 @@ import pytest
 
 from tests.dagster.world import BIN, REPO_ROOT, World, build_template, copy_world
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 PARTITION = "datacomp_0001"
 SERVER_WAIT_S = 90

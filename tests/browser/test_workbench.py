@@ -13,7 +13,7 @@ import pytest
 from tests.test_report import build_report_root
 from unifilter_core.report import WorkbenchConfig, write_workbench
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

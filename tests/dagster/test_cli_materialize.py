@@ -54,6 +54,7 @@ def daemon(world: World) -> Iterator[Any]:
             proc.wait()
 
 
+@pytest.mark.slow
 def test_manifest_partition_and_backfill_from_the_shell(world: World, daemon: Any) -> None:
     world.add_tar_42()
     manifest = run_cli(

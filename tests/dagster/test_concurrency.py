@@ -6,6 +6,7 @@ import subprocess
 from typing import Any
 
 import dagster as dg
+import pytest
 
 from tests.dagster.world import BIN, REPO_ROOT, TEMPLATE_PARTITIONS, World
 from unifilter_dagster.definitions import ALL_ASSETS
@@ -13,6 +14,7 @@ from unifilter_dagster.definitions import ALL_ASSETS
 KEYS = sorted([*TEMPLATE_PARTITIONS, "obelics_0042"])
 
 
+@pytest.mark.slow
 def test_four_partitions_in_parallel_processes(world: World, instance: Any) -> None:
     world.add_tar_42()
     assert dg.materialize(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import duckdb
 import pyarrow.parquet as pq
+import pytest
 
 from tests.reliability.conftest import catalog_counts, make_resources, materialize
 from tests.tarfixtures import write_caption_tar, write_interleaved_tar
@@ -34,6 +35,7 @@ print("SUCCESS" if result.success else "FAILED\n" + failure_message(result), flu
 """
 
 
+@pytest.mark.slow
 def test_eight_partitions_in_parallel_processes(tmp_path: Path, rel_ckpt: Path, run_child) -> None:
     import dagster as dg
 

@@ -50,6 +50,7 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_scoring_killed_at_random_points_reruns_to_the_clean_table(
     tmp_path: Path, rel_ckpt: Path, run_child
 ) -> None:
@@ -274,6 +275,7 @@ print("DONE", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_scores_asset_killed_in_its_catalog_write_then_rematerialized(
     tmp_path: Path, rel_ckpt: Path, run_child
 ) -> None:
@@ -369,6 +371,7 @@ def test_a_deadly_last_sample_in_a_short_last_chunk(tmp_path: Path, rel_ckpt: Pa
     assert rows[9]["reason"] == "worker_crash" and summary.rows == 10
 
 
+@pytest.mark.slow
 def test_a_deadly_sample_with_spawned_workers(tmp_path: Path, rel_ckpt: Path) -> None:
     """Spawned workers (the start method once CUDA is initialised) recover the same way."""
     summary, rows = _score_with(
