@@ -38,7 +38,6 @@ from tqdm.auto import tqdm
 
 import unifilter_core
 from unifilter_core.data import tar_fingerprint
-from unifilter_core.data.listing import list_tar_samples
 from unifilter_core.data.text import escape_unencodable
 from unifilter_core.paths import partition_key as make_partition_key
 from unifilter_core.scoring.batching import BatchRunner
@@ -49,8 +48,8 @@ from unifilter_core.scoring.config import (
     canonical_config,
     scorer_dtype,
 )
-from unifilter_core.scoring.original_format import OriginalTableWriter, original_table_paths
 from unifilter_core.scoring.output import OutputError, output_errors
+from unifilter_core.scoring.outputs import listing_record, open_writer, output_paths
 from unifilter_core.scoring.pipeline import SampleItem, iter_items, short_error
 from unifilter_core.scoring.pool import DecodePool
 from unifilter_core.scoring.table import (
@@ -58,14 +57,12 @@ from unifilter_core.scoring.table import (
     Counts,
     ManifestKey,
     ScoreRow,
-    ScoreTableWriter,
     clean_stale_temp_files,
     config_hash,
     is_complete,
     manifest_path_for,
     read_manifest,
     table_lock,
-    table_paths,
     write_manifest,
 )
 
@@ -338,30 +335,6 @@ def _record_request_key(table: Path, request_key: str | None, *, locked: bool = 
         logger.warning("could not record the request key in %s: %s", manifest_path, exc)
 
 
-def head_labels(scorer: Any) -> int:
-    """``num_labels`` of the scorer's head (1 = regression; 2+ = classification with ``quality_class``)."""
-    config = getattr(getattr(scorer, "model", None), "config", None)
-    return int(getattr(config, "num_labels", 1) or 1)
-
-
-def _open_writer(job: _Job, scorer: Any, config: ScoringConfig, metadata: dict[str, str]) -> Any:
-    """The table writer of ``job``'s output format (both: ``write(rows)``, ``commit() -> rows``, context)."""
-    if job.output_format is OutputFormat.ORIGINAL:
-        return OriginalTableWriter(
-            job.table,
-            multi_label=head_labels(scorer) >= 2,
-            metadata={**metadata, "source": job.source, "model_fingerprint": job.key.model_fingerprint},
-        )
-    return ScoreTableWriter(
-        job.table,
-        source=job.source,
-        partition_key=job.pkey,
-        model_fingerprint=job.key.model_fingerprint,
-        metadata=metadata,
-        row_group_size=config.row_group_size,
-    )
-
-
 def _score(
     job: _Job, scorer: Any, config: ScoringConfig, progress: bool, pool: DecodePool | None
 ) -> TarScoreSummary:
@@ -381,7 +354,16 @@ def _score(
         "partition_key": job.pkey,
     }
     with (
-        _open_writer(job, scorer, config, metadata) as writer,
+        open_writer(
+            job.output_format,
+            job.table,
+            scorer=scorer,
+            source=job.source,
+            partition_key=job.pkey,
+            model_fingerprint=key.model_fingerprint,
+            metadata=metadata,
+            row_group_size=config.row_group_size,
+        ) as writer,
         _progress_bar(job.tar.name, progress) as bar,
         _model_threads(scorer, config),
     ):
@@ -441,47 +423,6 @@ def _score(
     write_manifest(job.manifest_path, _build_manifest(job, meta))
     logger.info("%s", summary.describe())
     return summary
-
-
-MISSING_EXAMPLES = 5
-
-
-def listing_record(tar: Path, written_keys: set[str]) -> dict[str, Any]:
-    """The manifest's ``listing``: an independent header walk of the tar against the keys the table holds.
-
-    Args:
-        tar: the scored tar.
-        written_keys: the (escaped) keys of the table's rows.
-
-    Returns:
-        ``{"samples", "members", "missing_keys", "missing_examples" (at most 5, sorted), "error"}``;
-        ``missing_keys`` counts sample keys of the tar with no row (must be 0).
-    """
-    listing = list_tar_samples(tar)
-    missing = sorted(listing.keys - written_keys)
-    if missing:
-        logger.error(
-            "%s: %d sample key(s) of the tar have no row in the score table (e.g. %s); please report this",
-            tar.name,
-            len(missing),
-            ", ".join(repr(k) for k in missing[:MISSING_EXAMPLES]),
-        )
-    return {
-        "samples": listing.samples,
-        "members": listing.members,
-        "missing_keys": len(missing),
-        "missing_examples": missing[:MISSING_EXAMPLES],
-        "error": listing.error,
-    }
-
-
-def output_paths(
-    out_dir: str | os.PathLike[str], tar_path: str | os.PathLike[str], output_format: OutputFormat | str
-) -> tuple[Path, Path]:
-    """``(table, manifest)`` of ``tar_path`` under ``out_dir`` in ``output_format``."""
-    if OutputFormat(output_format) is OutputFormat.ORIGINAL:
-        return original_table_paths(out_dir, tar_path)
-    return table_paths(out_dir, tar_path)
 
 
 def _failed_summary(
