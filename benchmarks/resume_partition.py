@@ -53,7 +53,6 @@ def main() -> None:
 
     import dagster as dg
 
-    import unifilter_dagster.resources as resources_module
     from tests.reliability.conftest import make_resources, materialize
     from tests.tarfixtures import caption_members, write_tar
     from unifilter_core.modeling import init_checkpoint
@@ -79,7 +78,6 @@ def main() -> None:
         first = time.perf_counter() - start
         for _ in range(args.repeats):
             for mode in times:
-                resources_module._SCORER_CACHE.clear()
                 if mode == "full check":
                     doc = json.loads(manifest.read_text())
                     doc.pop("request_key", None)

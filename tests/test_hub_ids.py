@@ -92,7 +92,7 @@ def test_dagster_resource_takes_a_hub_id(hub_cache: Path, tiny_checkpoint: Path,
     snapshot = _cache_model(hub_cache, "weizhiwang/UniFilter-Tiny", tiny_checkpoint)
     resource = ScoringModelResource(checkpoint="weizhiwang/UniFilter-Tiny", device="cpu")
     assert resource.resolve_checkpoint(tmp_path) == snapshot.resolve()
-    assert resource.load(tmp_path).checkpoint == snapshot.resolve()
+    assert resource.load(tmp_path, resource.settings("caption")).checkpoint == snapshot.resolve()
     with pytest.raises(ValueError, match="hf download weizhiwang/Absent"):
         ScoringModelResource(checkpoint="weizhiwang/Absent").resolve_checkpoint(tmp_path)
 

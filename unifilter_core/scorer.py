@@ -20,33 +20,28 @@ import logging
 import os
 import threading
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from unifilter_core.fileio import sha256_file
-from unifilter_core.head_scores import LabelScore, label_scores
+from unifilter_core.head_scores import label_scores
 from unifilter_core.hub_cache import resolve_reference
 from unifilter_core.prepare import right_pad
 from unifilter_core.processing import (
     IMAGE_TOKEN_INDEX,
-    AspectMode,
     PreparedSample,
     ProcessingConfig,
     UniFilterProcessor,
-    normalize_aspect,
 )
-from unifilter_core.records import Reason, SampleFailure, ScoreResult
+from unifilter_core.records import SampleFailure, ScoreResult
+from unifilter_core.scoring.batching import BatchRunner
+from unifilter_core.scoring.settings import ScoringSettings
 
 logger = logging.getLogger(__name__)
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
 _TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
@@ -59,84 +54,8 @@ _TOKENIZER_FILES = (
 _WINDOW_BATCHES = 8
 
 
-@dataclass(frozen=True)
-class ScorerOptions:
-    """Validated options of :func:`load_scorer` (see there for their meaning)."""
-
-    device: str = "cpu"
-    dtype: str = "float32"
-    image_aspect_ratio: str | None = None
-    batch_size: int = 16
-    caption_max_tokens: int | None = 75
-    max_images: int | None = 10
-    max_text_tokens: int | None = 6000
-    max_length: int | None = None
-    vision_tower: str | None = None
-    attn_implementation: str = "sdpa"
-    packing: bool | str = False
-    packed_attention: str = "varlen"
-    vision_batch_size: int | None = None
-    compile_vision: str | None = None
-    pin_memory: bool | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        try:
-            device = torch.device(self.device)
-        except (RuntimeError, TypeError) as exc:
-            raise ValueError(
-                f"device {self.device!r} is not a valid torch device string (e.g. 'cpu', 'cuda:0')"
-            ) from exc
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(
-                f"device {self.device!r} requested but CUDA is not available here; use device='cpu'"
-            )
-        aspects = [m.value for m in AspectMode]
-        object.__setattr__(self, "image_aspect_ratio", normalize_aspect(self.image_aspect_ratio))
-        if self.image_aspect_ratio is not None and self.image_aspect_ratio not in aspects:
-            raise ValueError(
-                f"image_aspect_ratio must be None (follow the checkpoint) or one of {aspects} "
-                f"(or 'square', LLaVA's name for resize), got {self.image_aspect_ratio!r}"
-            )
-        for name, low in (
-            ("caption_max_tokens", 3),
-            ("max_images", 0),
-            ("max_text_tokens", 2),
-            ("max_length", 3),
-        ):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
-                raise ValueError(f"{name} must be None or an int >= {low}, got {value!r}")
-        _check_gpu_options(self)
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-
-def _check_gpu_options(options: ScorerOptions) -> None:
-    """Validate the performance options (packing, vision batching/compilation, pinned memory)."""
-    from unifilter_core.modeling.packing import PACKED_ATTENTIONS
-
-    if options.packing not in (True, False, "auto"):
-        raise ValueError(f"packing must be True, False or 'auto', got {options.packing!r}")
-    if options.packed_attention.partition(":")[0] not in PACKED_ATTENTIONS:
-        raise ValueError(
-            f"packed_attention must be one of {PACKED_ATTENTIONS} (or 'varlen:<kernel>'), got {options.packed_attention!r}"
-        )
-    vbs = options.vision_batch_size
-    if vbs is not None and (not isinstance(vbs, int) or isinstance(vbs, bool) or vbs < 1):
-        raise ValueError(f"vision_batch_size must be None or an int >= 1, got {vbs!r}")
-    modes = (None, "none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-    if options.compile_vision not in modes:
-        raise ValueError(f"compile_vision must be one of {modes}, got {options.compile_vision!r}")
-    if options.pin_memory not in (None, True, False):
-        raise ValueError(
-            f"pin_memory must be None (auto: on for CUDA), True or False, got {options.pin_memory!r}"
-        )
+# the options of load_scorer and Scorer are the run's resolved ScoringSettings (older name kept)
+ScorerOptions = ScoringSettings
 
 
 def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
@@ -220,11 +139,11 @@ class Scorer:
     """
 
     def __init__(
-        self, model: Any, processor: UniFilterProcessor, options: ScorerOptions, checkpoint: Path
+        self, model: Any, processor: UniFilterProcessor, options: ScoringSettings, checkpoint: Path
     ) -> None:
         self.model = model
         self.processor = processor
-        self.options = options
+        self.options = options = options.resolve()
         self.checkpoint = checkpoint
         self.device = torch.device(options.device)
         self.pad_id = int(processor.tokenizer.pad_token_id)
@@ -350,9 +269,33 @@ class Scorer:
             return head.tolist()
         return label_scores(head.tolist())
 
+    def with_settings(self, settings: ScoringSettings) -> Scorer:
+        """This scorer with other settings, sharing the loaded model.
+
+        Raises:
+            ValueError: ``settings`` change the loaded model (device, dtype, tower, attention, compile): load
+                another scorer instead.
+        """
+        settings = _resolved(settings)
+        if settings == self.options:
+            return self
+        if settings.load_key() != self.options.load_key():
+            raise ValueError(
+                f"settings {dict(settings.load_key())} need another model load than {dict(self.options.load_key())}"
+            )
+        processing = _processing_config(self.model.config, settings)
+        scorer = Scorer(
+            self.model, UniFilterProcessor(self.processor.tokenizer, processing), settings, self.checkpoint
+        )
+        scorer._fingerprint = self._fingerprint
+        return scorer
+
     # ------------------------------------------------------------------------------------------------ scoring
     def score_prepared(self, items: Sequence[PreparedSample | SampleFailure]) -> list[ScoreResult]:
-        """Score already-prepared items (failures pass through as rows), batching by length; input order kept."""
+        """Score already-prepared items (failures pass through as rows), batching by length; input order kept.
+
+        A batch that fails is retried one sample at a time; a sample that still fails gets a ``model_error`` row.
+        """
         results: list[ScoreResult | None] = [None] * len(items)
         ready = []
         for index, item in enumerate(items):
@@ -360,24 +303,10 @@ class Scorer:
                 results[index] = item.to_result()
             else:
                 ready.append(index)
-        ready.sort(key=lambda i: items[i].n_tokens)
-        size = self.options.batch_size
-        for start in range(0, len(ready), size):
-            chunk = ready[start : start + size]
-            for index, score in zip(chunk, self._forward_or_rows([items[i] for i in chunk]), strict=True):
-                results[index] = _result(items[index], score)
+        scored = BatchRunner(self).run_window([items[i] for i in ready], self.options.batch_size, None)
+        for index, result in zip(ready, scored, strict=True):
+            results[index] = result
         return [r for r in results if r is not None]
-
-    def _forward_or_rows(self, samples: list[PreparedSample]) -> list[float | ScoreResult]:
-        """``forward``; a batch that fails with a runtime error is retried one by one, failures become rows."""
-        try:
-            return list(self.forward(samples))
-        except RuntimeError as exc:
-            if len(samples) == 1:
-                logger.warning("model error on one sample: %s", exc)
-                return [ScoreResult.failed(Reason.MODEL_ERROR, f"{type(exc).__name__}: {exc}")]
-            logger.warning("model error on a batch of %d, retrying one by one: %s", len(samples), exc)
-            return [row for sample in samples for row in self._forward_or_rows([sample])]
 
     def _score_stream(self, prepare: Any, inputs: Sequence[Any]) -> list[ScoreResult]:
         window = self.options.batch_size * _WINDOW_BATCHES
@@ -415,19 +344,25 @@ def _prepare_document_with(processor: UniFilterProcessor) -> Any:
     return prepare
 
 
-def _result(sample: PreparedSample, score: float | ScoreResult) -> ScoreResult:
-    meta = {"n_images": sample.n_images, "n_tokens": sample.n_tokens, "truncated": sample.truncated}
-    if isinstance(score, ScoreResult):
-        score.n_images, score.n_tokens, score.truncated = (
-            meta["n_images"],
-            meta["n_tokens"],
-            meta["truncated"],
-        )
-        return score
-    result = ScoreResult(score=float(score), detail=sample.detail, **meta)
-    if isinstance(score, LabelScore):
-        result.quality_class, result.expected_level = score.quality_class, score.expected_level
-    return result
+def _resolved(settings: ScoringSettings) -> ScoringSettings:
+    """``settings`` resolved for this machine, with a hub-id vision tower replaced by its cached folder."""
+    settings = settings.resolve()
+    if settings.vision_tower is None:
+        return settings
+    return replace(settings, vision_tower=str(resolve_reference(settings.vision_tower, what="vision tower")))
+
+
+def _processing_config(config: Any, settings: ScoringSettings) -> ProcessingConfig:
+    """The processor's options for ``settings`` (validates the limits against the model config)."""
+    return ProcessingConfig.from_model_config(
+        config,
+        vision_tower=settings.vision_tower,
+        image_aspect_ratio=settings.image_aspect_ratio,
+        max_length=settings.max_length,
+        caption_max_tokens=settings.caption_max_tokens,
+        max_images=settings.max_images,
+        max_text_tokens=settings.max_text_tokens,
+    )
 
 
 def _tokenizer_ids(tokenizer: Any) -> dict[str, int]:
@@ -440,70 +375,29 @@ def load_scorer(
     device: str = "cpu",
     dtype: str = "float32",
     *,
-    image_aspect_ratio: str | None = None,
-    batch_size: int = 16,
-    caption_max_tokens: int | None = 75,
-    max_images: int | None = 10,
-    max_text_tokens: int | None = 6000,
-    max_length: int | None = None,
-    vision_tower: str | None = None,
-    attn_implementation: str = "sdpa",
-    packing: bool | str = False,
-    packed_attention: str = "varlen",
-    vision_batch_size: int | None = None,
-    compile_vision: str | None = None,
-    pin_memory: bool | None = None,
+    settings: ScoringSettings | None = None,
+    **options: Any,
 ) -> Scorer:
     """Load a UniFilter checkpoint (released layout or our own saves) for scoring.
 
     Args:
         path: the checkpoint folder (``config.json``, ``model.safetensors``, tokenizer files), or the hub id of a
             model in the local Hugging Face cache (``weizhiwang/UniFilter-Qwen2.5-1.5B``; never downloaded).
-        device: torch device string, e.g. ``"cpu"``, ``"cuda"``, ``"cuda:1"``.
-        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` for the tower and LLM (the score head runs in fp32).
-        image_aspect_ratio: ``"pad"`` or ``"resize"`` (``"square"``, LLaVA's name, means resize); None follows the
-            checkpoint's ``image_aspect_ratio`` (where ``"square"`` also reads as resize).
-        batch_size: samples per forward pass.
-        caption_max_tokens: caption id limit (EOS kept when cutting); None disables it.
-        max_images: documents with more images become ``skipped``/``too_many_images`` rows; None disables it.
-        max_text_tokens: documents with longer id sequences become ``skipped``/``too_many_tokens`` rows.
-        max_length: spliced sequence limit; None uses the checkpoint's ``tokenizer_model_max_length``.
-        vision_tower: a local SigLIP folder (or the hub id of a cached one) for checkpoints without tower weights.
-        attn_implementation: transformers attention implementation (``"sdpa"``, ``"eager"``, ...).
-        packing: True runs the LLM padding-free (all sequences of a batch in one row, see
-            ``unifilter_core.modeling.packing``); ``"auto"`` packs only where a fast varlen attention kernel works
-            (CUDA with flash-attn or torch's varlen kernel). Scores equal the padded path to dtype tolerance.
-        packed_attention: attention for packed rows: ``"varlen"`` (kernel registry), ``"varlen:<kernel>"``,
-            ``"flash_attention_2"``, ``"sdpa"`` or ``"eager"`` (the last two are O(T^2) references).
-        vision_batch_size: images per vision-tower call (None = all images of a batch at once).
-        compile_vision: ``torch.compile`` mode for the vision tower (e.g. ``"default"``, ``"max-autotune"``);
-            None = not compiled (the CPU default).
-        pin_memory: pinned host buffers + non-blocking copies; None = on for CUDA devices.
+        device: torch device string, e.g. ``"cpu"``, ``"cuda"``, ``"cuda:1"``, or ``"auto"``.
+        dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"auto"``.
+        settings: a whole :class:`~unifilter_core.scoring.settings.ScoringSettings` (then ``device``, ``dtype``
+            and ``options`` are ignored).
+        options: any other field of :class:`~unifilter_core.scoring.settings.ScoringSettings` (``batch_size``,
+            ``image_aspect_ratio``, ``vision_tower``, ``packing``, ...), where each is documented.
 
     Raises:
         ValueError: an option is invalid or the checkpoint folder is not usable (raised before loading weights).
     """
-    options = ScorerOptions(
-        device=device,
-        dtype=dtype,
-        image_aspect_ratio=image_aspect_ratio,
-        batch_size=batch_size,
-        caption_max_tokens=caption_max_tokens,
-        max_images=max_images,
-        max_text_tokens=max_text_tokens,
-        max_length=max_length,
-        vision_tower=vision_tower,
-        attn_implementation=attn_implementation,
-        packing=packing,
-        packed_attention=packed_attention,
-        vision_batch_size=vision_batch_size,
-        compile_vision=compile_vision,
-        pin_memory=pin_memory,
-    )
+    if settings is None:
+        settings = ScoringSettings(device=device, dtype=dtype, **options)
     folder = resolve_checkpoint(path)
-    if vision_tower is not None:
-        vision_tower = str(resolve_reference(vision_tower, what="vision tower"))
-        options = replace(options, vision_tower=vision_tower)
+    settings = _resolved(settings)
+    vision_tower = settings.vision_tower
 
     from unifilter_core.modeling import UniFilterForQualityScoring, load_config
     from unifilter_core.modeling.checkpoint import check_special_ids
@@ -512,27 +406,19 @@ def load_scorer(
     tokenizer = load_tokenizer(folder)
     config = load_config(folder, vision_tower=vision_tower)
     check_special_ids(config, source=f"tokenizer in {folder}", ids=_tokenizer_ids(tokenizer))
-    processing = (
-        ProcessingConfig.from_model_config(  # validates the limits against the config, before weights
-            config,
-            vision_tower=vision_tower,
-            image_aspect_ratio=options.image_aspect_ratio,
-            max_length=options.max_length,
-            caption_max_tokens=options.caption_max_tokens,
-            max_images=options.max_images,
-            max_text_tokens=options.max_text_tokens,
-        )
-    )
+    processing = _processing_config(
+        config, settings
+    )  # validates the limits against the config, before weights
     model = UniFilterForQualityScoring.from_pretrained(
         folder,
         vision_tower=vision_tower,
-        torch_dtype=options.torch_dtype,
-        attn_implementation=attn_implementation,
+        torch_dtype=settings.torch_dtype,
+        attn_implementation=settings.attn_implementation,
     )
-    model.to(options.device).eval()
-    if options.compile_vision not in (None, "none"):
+    model.to(settings.device).eval()
+    if settings.compile_vision not in (None, "none"):
         from unifilter_core.modeling.packing import compile_vision_tower
 
-        compile_vision_tower(model, options.compile_vision)
-    logger.info("loaded %s (%s, %s) with %s", folder, options.device, options.dtype, processing)
-    return Scorer(model, UniFilterProcessor(tokenizer, processing), options, folder)
+        compile_vision_tower(model, settings.compile_vision)
+    logger.info("loaded %s (%s, %s) with %s", folder, settings.device, settings.dtype, processing)
+    return Scorer(model, UniFilterProcessor(tokenizer, processing), settings, folder)

@@ -12,7 +12,7 @@ from typing import Any
 
 import dagster as dg
 from dagster_duckdb import DuckDBResource
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from unifilter_core import paths
 from unifilter_core.pipeline import DEFAULT_SOURCES, SourceSpec
@@ -117,12 +117,13 @@ class ClaudeResource(dg.ConfigurableResource):
         )
 
 
-_SCORER_CACHE: dict[tuple[Any, ...], Any] = {}
-_SCORER_LOCK = threading.Lock()
-
-
 class ScoringModelResource(dg.ConfigurableResource):
-    """The classifier that scores tars, and how it runs."""
+    """The classifier that scores tars, and how it runs.
+
+    Its scoring fields are :class:`unifilter_core.scoring.settings.ScoringSettings` fields of the same name (see
+    there for their meaning and defaults); :meth:`settings` builds and resolves them. The loaded model is held for
+    the run (one load per run and checkpoint, released when the run ends), not in a process-wide cache.
+    """
 
     checkpoint: str | None = Field(
         default=None,
@@ -131,14 +132,29 @@ class ScoringModelResource(dg.ConfigurableResource):
     vision_tower: str | None = Field(default=None, description="local SigLIP folder for released checkpoints")
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
     dtype: str = Field(default="auto", description="auto | float32 | bfloat16 | float16")
-    batch_size: int = 16
-    num_workers: int = 1
+    batch_size: int | None = Field(
+        default=None, description="samples per model call (default 16 captions, 4 documents)"
+    )
+    num_workers: int | None = Field(
+        default=None, description="decode worker processes (default CPU cores - 1)"
+    )
+    max_batch_tokens: int | None = Field(default=None, description="padded-token budget per model call")
     image_aspect_ratio: str | None = Field(
         default=None, description="pad | resize (default: the checkpoint's)"
+    )
+    max_length: int | None = Field(
+        default=None, description="longest spliced sequence (default: the checkpoint's)"
     )
     num_gpus: int = Field(default=0, description="GPUs on this machine for run tags (0 = score on CPU)")
     packing: str = Field(default="auto", description="off | on | auto: padding-free packed batches on GPU")
     compile_vision: str | None = Field(default=None, description="torch.compile mode for the tower (GPU)")
+    vision_batch_size: int | None = Field(default=None, description="images per vision-tower call")
+
+    _loaded: dict[tuple[Any, ...], Any] = PrivateAttr(default_factory=dict)
+    _lock: Any = PrivateAttr(default_factory=threading.Lock)
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        self._loaded.clear()  # the run is over: its model goes with it
 
     def resolve_checkpoint(self, root: Path) -> Path:
         """The explicit checkpoint, else the one ``stage2_classifier`` made active."""
@@ -159,65 +175,42 @@ class ScoringModelResource(dg.ConfigurableResource):
             "`checkpoint` to a classifier folder (e.g. the released UniFilter-Qwen2.5-1.5B)"
         )
 
-    def resolve_device(self, gpu_tag: str | None) -> str:
-        """cuda:<tag> when the run carries a GPU tag, else the configured device (auto = cuda if present)."""
-        import torch
+    def settings(self, kind: str, gpu_tag: str | None = None) -> Any:
+        """The resolved :class:`~unifilter_core.scoring.settings.ScoringSettings` of a run scoring ``kind``
+        (a run's GPU tag picks its GPU; without CUDA everything runs on the CPU)."""
+        from unifilter_core.scoring.settings import ScoringSettings
 
-        if self.device != "auto":
-            return self.device
-        if not torch.cuda.is_available():
-            return "cpu"
-        return f"cuda:{int(gpu_tag)}" if gpu_tag is not None else "cuda"
+        return ScoringSettings.from_values(self).resolve(kind, None if gpu_tag is None else int(gpu_tag))
 
-    def load_options(self, root: Path, gpu_tag: str | None = None) -> tuple[Path, dict[str, Any]]:
-        """The checkpoint folder and the ``load_scorer`` options of this run (no weights read).
-
-        The one place that turns the resource's fields into scorer options: :meth:`load` passes them to
-        ``load_scorer`` and :meth:`request_key` hashes them, so a new option is added here only.
-        """
+    def request_key(self, root: Path, settings: Any, kind: str, tar: Path, config: Any) -> str:
+        """The :func:`~unifilter_core.scoring.resume.request_key` of scoring ``tar`` with these settings."""
         from unifilter_core.scorer import resolve_checkpoint
-
-        path = resolve_checkpoint(self.resolve_checkpoint(root))  # a clear error for a wrong folder
-        device = self.resolve_device(gpu_tag)
-        dtype = (
-            self.dtype if self.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
-        )
-        options = {
-            "device": device,
-            "dtype": dtype,
-            "image_aspect_ratio": self.image_aspect_ratio,
-            "vision_tower": self.vision_tower,
-            "packing": {"off": False, "on": True}.get(self.packing, "auto"),
-            "compile_vision": self.compile_vision if device.startswith("cuda") else None,
-        }
-        return path, options
-
-    def request_key(self, root: Path, gpu_tag: str | None, kind: str, tar: Path, config: Any) -> str:
-        """The :func:`~unifilter_core.scoring.resume.request_key` of scoring ``tar`` with this resource."""
         from unifilter_core.scoring.resume import request_key
 
-        path, options = self.load_options(root, gpu_tag)
-        extra = [options["vision_tower"]] if options["vision_tower"] else []
+        path = resolve_checkpoint(self.resolve_checkpoint(root))  # a clear error for a wrong folder
+        extra = [settings.vision_tower] if settings.vision_tower else []
         return request_key(
-            tar=tar, checkpoint=path, kind=kind, settings=options, config=config, extra_dirs=extra
+            tar=tar,
+            checkpoint=path,
+            kind=kind,
+            settings=settings.score_settings(),
+            config=config,
+            extra_dirs=extra,
         )
 
-    def load(self, root: Path, gpu_tag: str | None = None) -> Any:
-        """A cached ``Scorer`` for this process (one per checkpoint and options; the batch size is not one)."""
-        from unifilter_core.scorer import load_scorer
+    def load(self, root: Path, settings: Any) -> Any:
+        """A ``Scorer`` with ``settings``; the model is loaded once per run and checkpoint (other settings that
+        do not change the weights reuse it)."""
+        from unifilter_core.scorer import load_scorer, resolve_checkpoint
 
-        path, options = self.load_options(root, gpu_tag)
-        key = (str(path), os.stat(path / "config.json").st_mtime_ns, *sorted(options.items()))
-        with _SCORER_LOCK:
-            if key not in _SCORER_CACHE:
-                _SCORER_CACHE.clear()
-                _SCORER_CACHE[key] = load_scorer(path, batch_size=self.batch_size, **options)
-            return _SCORER_CACHE[key]
-
-    def scoring_config(self) -> Any:
-        from unifilter_core.scoring import ScoringConfig
-
-        return ScoringConfig(batch_size=self.batch_size, num_workers=self.num_workers)
+        path = resolve_checkpoint(self.resolve_checkpoint(root))
+        key = (str(path), os.stat(path / "config.json").st_mtime_ns, settings.load_key())
+        with self._lock:
+            if key not in self._loaded:
+                self._loaded.clear()
+                self._loaded[key] = load_scorer(path, settings=settings)
+            scorer = self._loaded[key]
+        return scorer.with_settings(settings)
 
 
 def default_resources(root: str | None = None, world: dict[str, Any] | None = None) -> dict[str, Any]:

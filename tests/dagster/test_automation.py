@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import pytest
 
 from tests.dagster.world import TEMPLATE_PARTITIONS, World
 from unifilter_dagster.automation import new_tars_sensor, stale_scores_schedule
@@ -111,6 +112,14 @@ def test_gpu_tags_one_gpu_id_per_run(world: World) -> None:
     assert set(tags.values()) <= {"0", "1"}
     assert all(tags[k] == str(gpu_for_partition(k, 2)) for k in tags)
     # each tagged run scores on its own GPU; without CUDA the resource falls back to the CPU
+    import torch
+
     model = ScoringModelResource(num_gpus=2)
-    assert model.resolve_device("1") in ("cpu", "cuda:1")
-    assert ScoringModelResource(device="cuda:1").resolve_device("0") == "cuda:1"
+    assert model.settings("caption", "1").device in ("cpu", "cuda:1")
+    if torch.cuda.device_count() >= 2:
+        assert ScoringModelResource(device="cuda:1").settings("caption", "0").device == "cuda:1"
+    else:  # an explicit GPU this machine lacks is an error, not a silent CPU run
+        from unifilter_core.scoring.settings import SettingsError
+
+        with pytest.raises(SettingsError, match="cuda:1"):
+            ScoringModelResource(device="cuda:1").settings("caption", "0")

@@ -20,7 +20,6 @@ class _Spy:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, tar: Path) -> None:
         import unifilter_core.scorer as scorer_module
-        import unifilter_dagster.resources as resources_module
 
         self.loads = 0
         self.tar_opened = 0
@@ -39,7 +38,6 @@ class _Spy:
         monkeypatch.setattr(scorer_module, "load_scorer", load)
         monkeypatch.setattr(builtins, "open", guarded_open)
         monkeypatch.setattr(io, "open", guarded_open)
-        monkeypatch.setattr(resources_module, "_SCORER_CACHE", {})  # every run of this test starts cold
 
 
 def _manifest(root: Path) -> dict[str, Any]:
@@ -51,7 +49,6 @@ def test_resumed_partition_loads_no_model_and_reads_no_tar(
 ) -> None:
     import dagster as dg
 
-    import unifilter_dagster.resources as resources_module
     from unifilter_dagster.assets.tars import scores, tar_manifest
 
     root = tmp_path / "root"
@@ -64,7 +61,6 @@ def test_resumed_partition_loads_no_model_and_reads_no_tar(
         assert first.success and spy.loads == 1
         key = _manifest(root)["request_key"]
 
-        monkeypatch.setattr(resources_module, "_SCORER_CACHE", {})
         spy.armed = True
         again = materialize([scores], resources, instance, "cap_0000")
         assert again.success
@@ -81,7 +77,6 @@ def test_resumed_partition_loads_no_model_and_reads_no_tar(
         assert touched.success and spy.loads == 2
         assert touched.asset_materializations_for_node("scores")[0].metadata["resumed"].value is True
         assert _manifest(root)["request_key"] != key
-        monkeypatch.setattr(resources_module, "_SCORER_CACHE", {})
         spy.armed = True
         assert materialize([scores], resources, instance, "cap_0000").success
         assert spy.loads == 2 and spy.tar_opened == 0  # the new key resumes without the model again

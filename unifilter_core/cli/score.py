@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 import sys
 from dataclasses import dataclass
@@ -29,10 +28,11 @@ from typing import Any
 from unifilter_core.cli import CLIError
 from unifilter_core.paths import data_root, scores_dir
 
-_DEFAULT_BATCH = {"caption": 16, "interleaved": 4}
 _SOURCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 #: the original scripts' block size
 DEFAULT_TARS_PER_GPU = 128
+# the batch size ScoringSettings.resolve picks per kind, for --help only (importing the settings loads torch)
+_DEFAULT_BATCH_HELP = {"caption": 16, "interleaved": 4}
 logger = logging.getLogger(__name__)
 
 
@@ -96,6 +96,7 @@ def _add_original_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-len",
         type=int,
+        dest="max_length",
         default=None,
         help="longest spliced sequence (text + image tokens); default the checkpoint's "
         "tokenizer_model_max_length. Captions are still capped at 75 ids (EOS kept), as in the original",
@@ -120,7 +121,8 @@ def _add_flags(p: argparse.ArgumentParser, kind: str) -> None:
     )
     p.add_argument("--tar-file-path", required=True, help="folder of <number>.tar shards, or one .tar file")
     p.add_argument("--gpu-id", type=int, default=0, help="block index I: the tars with ids in [I*N, (I+1)*N)")
-    p.add_argument("--batch-size", type=int, default=_DEFAULT_BATCH[kind], help="samples per model call")
+    batch = _DEFAULT_BATCH_HELP[kind]  # ScoringSettings' default (a test keeps the two equal)
+    p.add_argument("--batch-size", type=int, default=None, help=f"samples per model call (default {batch})")
     p.add_argument(
         "--tars-per-gpu",
         type=int,
@@ -150,8 +152,8 @@ def _add_flags(p: argparse.ArgumentParser, kind: str) -> None:
     )
     p.add_argument(
         "--dtype",
-        choices=("float32", "bfloat16", "float16"),
-        default=None,
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
         help="model dtype (default float32 on CPU, bfloat16 on GPU); the head runs in fp32",
     )
     p.add_argument(
@@ -189,27 +191,27 @@ def _add_flags(p: argparse.ArgumentParser, kind: str) -> None:
     _add_original_flags(p)
 
 
-def resolve_device(device: str, gpu_id: int) -> str:
-    """``auto`` -> ``cuda:<gpu_id mod visible GPUs>`` when CUDA is available, else ``cpu``; ``cuda`` likewise.
+# the flags whose names are not the settings' field names
+_FLAG_OF_SETTING = {"max_length": "--max-len"}
 
-    Raises:
-        CLIError: CUDA requested but not available, or an unknown device string.
-    """
-    import torch
 
-    if device == "cpu":
-        return "cpu"
-    if device in ("auto", "cuda"):
-        if not torch.cuda.is_available():
-            if device == "cuda":
-                raise CLIError("--device cuda requested but CUDA is not available here; use --device cpu")
-            return "cpu"
-        return f"cuda:{gpu_id % torch.cuda.device_count()}"
-    if re.fullmatch(r"cuda:\d+", device):
-        if not torch.cuda.is_available() or int(device[5:]) >= torch.cuda.device_count():
-            raise CLIError(f"--device {device} is not available here")
-        return device
-    raise CLIError(f"--device must be cpu, cuda, cuda:K or auto, got {device!r}")
+def _settings_error(exc: Any) -> CLIError:
+    """A :class:`~unifilter_core.scoring.settings.SettingsError` worded with the CLI's flag."""
+    flag = _FLAG_OF_SETTING.get(exc.field, "--" + exc.field.replace("_", "-"))
+    rule = f">= {exc.low}" if exc.low is not None else exc.rule
+    return CLIError(f"{flag} must be {rule}, got {exc.value}{exc.hint}")
+
+
+def _settings(args: argparse.Namespace, resolve: bool = False) -> Any:
+    """The run's :class:`~unifilter_core.scoring.settings.ScoringSettings` from the flags (resolved for this
+    machine and ``--gpu-id`` with ``resolve``)."""
+    from unifilter_core.scoring.settings import ScoringSettings, SettingsError
+
+    try:
+        settings = ScoringSettings.from_values(args)
+        return settings.resolve(args.kind, args.gpu_id) if resolve else settings
+    except SettingsError as exc:
+        raise _settings_error(exc) from None
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
@@ -220,20 +222,11 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise CLIError(
             f"--gpu-id {args.gpu_id} is outside the fleet of --num-gpus {args.num_gpus} (ids 0..N-1)"
         )
-    if args.max_len is not None and args.max_len < 1:
-        raise CLIError(f"--max-len must be >= 1, got {args.max_len}")
-    if args.batch_size < 1:
-        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.gpu_id < 0:
         raise CLIError(f"--gpu-id must be >= 0, got {args.gpu_id}")
     if args.tars_per_gpu < 1:
         raise CLIError(f"--tars-per-gpu must be >= 1, got {args.tars_per_gpu}")
-    if args.num_workers is not None and args.num_workers < 0:
-        raise CLIError(f"--num-workers must be >= 0, got {args.num_workers}")
-    if args.max_batch_tokens is not None and args.max_batch_tokens < 1:
-        raise CLIError(f"--max-batch-tokens must be >= 1, got {args.max_batch_tokens}")
-    if args.vision_batch_size is not None and args.vision_batch_size < 1:
-        raise CLIError(f"--vision-batch-size must be >= 1, got {args.vision_batch_size}")
+    _settings(args)  # the scoring flags, checked before anything is read
 
 
 @dataclass(frozen=True)
@@ -366,23 +359,11 @@ def _check_output(out: Path) -> None:
         raise CLIError(f"cannot write score tables to {out}: {_first_line(exc)}") from None
 
 
-def _load(args: argparse.Namespace, device: str, dtype: str) -> Any:
+def _load(args: argparse.Namespace, settings: Any) -> Any:
     from unifilter_core.scorer import load_scorer
 
     try:
-        packing = {"off": False, "on": True, "auto": "auto"}[args.packing]
-        return load_scorer(
-            args.model_path,
-            device=device,
-            dtype=dtype,
-            batch_size=args.batch_size,
-            vision_tower=args.vision_tower,
-            packing=packing,
-            compile_vision=args.compile_vision if device != "cpu" else None,
-            vision_batch_size=args.vision_batch_size,
-            image_aspect_ratio=args.image_aspect_ratio,
-            max_length=args.max_len,
-        )
+        return load_scorer(args.model_path, settings=settings)
     except Exception as exc:  # safetensors, json, torch and config errors: a bad checkpoint, one line
         logger.debug("checkpoint load failed", exc_info=True)
         raise CLIError(
@@ -403,18 +384,6 @@ def _describe_block(args: argparse.Namespace, plan: _Plan) -> str:
     return text
 
 
-def _config(args: argparse.Namespace) -> Any:
-    from unifilter_core.scoring import ScoringConfig
-
-    num_workers = args.num_workers if args.num_workers is not None else max(1, (os.cpu_count() or 2) - 1)
-    try:
-        return ScoringConfig(
-            batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens, num_workers=num_workers
-        )
-    except ValueError as exc:
-        raise CLIError(str(exc)) from None
-
-
 def run_score(args: argparse.Namespace) -> int:
     """Entry point of ``unifilter score KIND``: returns the exit code (1 when a tar of the block failed)."""
     from unifilter_core.scoring.discovery import compact_ranges
@@ -428,14 +397,17 @@ def run_score(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 0
-    device = resolve_device(args.device, args.gpu_id)
-    dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
-    config = _config(args)
+    settings = _settings(args, resolve=True)
+    try:
+        config = settings.scoring_config()
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
     _check_output(plan.out)
-    scorer = _load(args, device, dtype)
+    scorer = _load(args, settings)
     print(f"unifilter score: {_describe_block(args, plan)}")
     print(
-        f"unifilter score: {len(plan.block)} tar(s) from {plan.input_dir} -> {plan.out} ({device}, {dtype})"
+        f"unifilter score: {len(plan.block)} tar(s) from {plan.input_dir} -> {plan.out} "
+        f"({settings.device}, {settings.dtype})"
     )
     try:
         if plan.out != plan.input_dir:

@@ -162,15 +162,15 @@ def scores(
     root = home.root_path
     spec, tar = resolve_partition(root, home.source_specs(), context.partition_key)
     # bad options fail here, before the model or the catalog is opened
-    config = scoring_model.scoring_config()
-    gpu = context.run.tags.get(GPU_TAG)
-    key = scoring_model.request_key(root, gpu, spec.kind, tar, config)
-    scorer = None if partition_is_resumable(root, spec, tar, key) else scoring_model.load(root, gpu)
+    settings = scoring_model.settings(spec.kind, context.run.tags.get(GPU_TAG))
+    config = settings.scoring_config()
+    key = scoring_model.request_key(root, settings, spec.kind, tar, config)
+    scorer = None if partition_is_resumable(root, spec, tar, key) else scoring_model.load(root, settings)
     catalog = home.catalog(duckdb)  # opened once the checkpoint is known to load
     with timed() as timing:
         result = resume_partition(root, spec, tar, context.partition_key, key, catalog=catalog)
         if result is None:
-            scorer = scorer or scoring_model.load(root, gpu)  # the table changed meanwhile
+            scorer = scorer or scoring_model.load(root, settings)  # the table changed meanwhile
             result = score_partition(root, spec, tar, context.partition_key, scorer, config, catalog=catalog,
                                      request_key=key)  # fmt: skip
     summary, stats = result["summary"], result["stats"]
