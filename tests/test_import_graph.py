@@ -1,4 +1,5 @@
-"""The import graph of ``unifilter_core``: no import cycles where the code has one way through.
+"""The import graph of ``unifilter_core`` and ``unifilter_dagster``: no import cycles, and core never imports
+Dagster's side.
 
 Every module is ast-parsed (imports inside functions count too) and each ``import unifilter_core.x`` /
 ``from unifilter_core.x import y`` / relative import becomes an edge to the module it names: ``unifilter_core.x.y``
@@ -15,6 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "unifilter_core"
+PACKAGES = (PACKAGE, "unifilter_dagster")
 
 # Cycles whose modules all lie under unifilter_core/modeling/ are being handled elsewhere (separate change);
 # only they are excluded here.
@@ -30,10 +32,10 @@ CHECKED_PREFIXES = (
 )
 
 
-def module_files(root: Path = ROOT, package: str = PACKAGE) -> dict[str, Path]:
-    """``{dotted module name: file}`` of every module of ``package`` (a package is its ``__init__.py``)."""
+def module_files(root: Path = ROOT, packages: tuple[str, ...] = PACKAGES) -> dict[str, Path]:
+    """``{dotted module name: file}`` of every module of ``packages`` (a package is its ``__init__.py``)."""
     out = {}
-    for path in sorted((root / package).rglob("*.py")):
+    for path in sorted(p for package in packages for p in (root / package).rglob("*.py")):
         parts = list(path.relative_to(root).with_suffix("").parts)
         if parts[-1] == "__init__":
             parts.pop()
@@ -70,9 +72,9 @@ def _imports(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
         else:
             continue
         for name in names:
-            if name == PACKAGE or name.startswith(PACKAGE + "."):
+            if name.split(".")[0] in PACKAGES:
                 target = _resolve(name, modules)
-                if target is not None and target != PACKAGE:
+                if target is not None and target not in PACKAGES:
                     targets.add(target)
     return targets
 
@@ -157,6 +159,19 @@ def test_no_cycles_through_fileio_synth_data_scoring_catalog() -> None:
         if not _only_excluded(c) and any(_in(m, p) for m in c for p in CHECKED_PREFIXES)
     ]
     assert bad == [], f"import cycles: {bad}"
+
+
+def test_no_cycles_anywhere_in_either_package() -> None:
+    bad = [c for c in cycles(import_graph()) if not _only_excluded(c)]
+    assert bad == [], f"import cycles: {bad}"
+
+
+def test_core_never_imports_the_dagster_package() -> None:
+    graph = import_graph()
+    bad = {
+        m: sorted(t for t in ts if _in(t, "unifilter_dagster")) for m, ts in graph.items() if _in(m, PACKAGE)
+    }
+    assert {m: ts for m, ts in bad.items() if ts} == {}
 
 
 def test_no_cycle_among_synth_modules() -> None:

@@ -11,13 +11,14 @@
 * :func:`right_pad`: ``[B, T]`` right-padded ids and the mask from lengths (scorer and training collators).
 
 The image sentinel constants live here: :mod:`unifilter_core.processing` imports this module (and re-exports
-them); this module imports it for type hints only.
+them). The functions take any object with the processor's interface (:class:`InputProcessor`), so this module
+imports nothing of the processor's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
@@ -25,14 +26,25 @@ from unifilter_core.data.images import decode_image as decode_untrusted
 from unifilter_core.data.limits import ReaderLimits
 from unifilter_core.records import SampleFailure
 
-if TYPE_CHECKING:
-    from unifilter_core.processing import UniFilterProcessor
-
 IMAGE_TOKEN_INDEX = -200  # sentinel id replaced by an image's projected vectors
 IMAGE_TOKEN = "<image>"
 
 
-def caption_ids(processor: UniFilterProcessor, caption: str, cap: int | None) -> tuple[list[int], bool]:
+class InputProcessor(Protocol):
+    """What input building needs of :class:`~unifilter_core.processing.UniFilterProcessor`."""
+
+    bos_id: int
+    eos_id: int
+    config: Any  # ``max_length`` and ``num_image_tokens``
+
+    def tokenize(self, text: str) -> list[int]: ...
+
+    def too_large(self, image: Any) -> SampleFailure | None: ...
+
+    def preprocess_image(self, image: Any) -> torch.Tensor: ...
+
+
+def caption_ids(processor: InputProcessor, caption: str, cap: int | None) -> tuple[list[int], bool]:
     """``[BOS, -200, tokens("\\n" + caption)..., EOS]`` (a literal ``<image>`` in the caption -> ``image``), cut to
     ``cap`` ids then to ``max_length`` (:func:`cap_and_fit`): the scorer's captions and stage-1 training records.
 
@@ -44,7 +56,7 @@ def caption_ids(processor: UniFilterProcessor, caption: str, cap: int | None) ->
     return cap_and_fit(processor, ids, cap)
 
 
-def cap_and_fit(processor: UniFilterProcessor, ids: list[int], cap: int | None) -> tuple[list[int], bool]:
+def cap_and_fit(processor: InputProcessor, ids: list[int], cap: int | None) -> tuple[list[int], bool]:
     """:func:`cap_ids` with ``cap`` (None: no limit), then :func:`fit_ids` to the processor's ``max_length``.
 
     Returns:
@@ -87,7 +99,7 @@ def fit_ids(ids: list[int], max_length: int, num_image_tokens: int) -> tuple[lis
 
 
 def prepare_image(
-    processor: UniFilterProcessor, data: bytes, limits: ReaderLimits | None = None
+    processor: InputProcessor, data: bytes, limits: ReaderLimits | None = None
 ) -> torch.Tensor | SampleFailure:
     """Untrusted encoded image -> ``[3, H, W]`` float32 model input, or why not (never raises on bad data).
 
