@@ -16,7 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from unifilter_core.catalog import PAUSE_ENV, Catalog, TarRecord
+from tests.catalog_pause import PAUSE_ENV
+from unifilter_core.catalog import Catalog, TarRecord
 from unifilter_core.cli import main as cli_main
 
 EVIL = "x'; DROP TABLE tars; --"
@@ -344,8 +345,9 @@ def test_concurrent_writer_processes(tmp_path: Path) -> None:
 def _run_paused(root: Path, stage: str, code: str) -> None:
     """Start a writer that pauses at ``stage`` inside its transaction, then SIGKILL it."""
     marker = root / f"paused-{stage}"
-    env = {**os.environ, PAUSE_ENV: f"{stage}:{marker}"}
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
+    repo = str(Path(__file__).resolve().parents[1])  # the child imports tests.catalog_pause
+    env = {**os.environ, PAUSE_ENV: f"{stage}:{marker}", "PYTHONPATH": repo}
+    proc = subprocess.Popen([sys.executable, "-c", "import tests.catalog_pause\n" + code], env=env)
     deadline = time.monotonic() + 60
     while not marker.exists():
         assert proc.poll() is None, "writer exited before reaching the pause point"

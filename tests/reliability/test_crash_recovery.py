@@ -13,9 +13,10 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
+from tests.catalog_pause import PAUSE_ENV
 from tests.reliability.conftest import catalog_counts, make_resources, materialize
 from tests.tarfixtures import caption_members, jpeg_bytes, write_caption_tar, write_tar
-from unifilter_core.catalog import PAUSE_ENV, Catalog, TarRecord
+from unifilter_core.catalog import Catalog, TarRecord
 
 # --------------------------------------------------------------------------------------------- scoring process
 _SCORE_CHILD = r"""
@@ -160,6 +161,7 @@ def test_filtered_writer_killed_mid_write_reruns_byte_identical(tmp_path: Path, 
 
 # --------------------------------------------------------------------------------------------- catalog writes
 _CATALOG_CHILD = r"""
+import tests.catalog_pause  # the crash tests' pause point (from $UNIFILTER_TEST_CATALOG_PAUSE)
 import sys
 from unifilter_core.catalog import Catalog, TarRecord
 op, db, root = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -261,6 +263,7 @@ def test_catalog_write_killed_inside_its_transaction(tmp_path: Path, run_child, 
 
 
 _ASSET_CHILD = r"""
+import tests.catalog_pause  # the crash tests' pause point (from $UNIFILTER_TEST_CATALOG_PAUSE)
 import sys
 import dagster as dg
 from tests.reliability.conftest import make_resources

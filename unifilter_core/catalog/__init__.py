@@ -7,7 +7,7 @@ Table and column names are public (design.md, docs/catalog.md). Safe for many wr
 
 from __future__ import annotations
 
-from unifilter_core.catalog._locking import PAUSE_ENV, CatalogBusyError
+from unifilter_core.catalog._locking import CatalogBusyError
 from unifilter_core.catalog.core import DEFAULT_KEEP_FRACTION, Catalog
 from unifilter_core.catalog.records import TarRecord
 from unifilter_core.catalog.schema import HIST_EDGES, SCHEMA_VERSION, SCORE_COLUMNS
@@ -17,7 +17,6 @@ from unifilter_core.catalog.thresholds import ThresholdRow, format_table, valida
 __all__ = [
     "DEFAULT_KEEP_FRACTION",
     "HIST_EDGES",
-    "PAUSE_ENV",
     "SCHEMA_VERSION",
     "SCORE_COLUMNS",
     "Catalog",

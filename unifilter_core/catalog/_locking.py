@@ -30,10 +30,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Environment variable for crash tests: ``<stage>:<marker file>``. When a write reaches ``<stage>``, the marker
-#: file is created and the process sleeps (inside the open transaction) until it is killed.
-PAUSE_ENV = "UNIFILTER_CATALOG_PAUSE"
-
 
 class CatalogBusyError(TimeoutError):
     """The catalog stayed locked by another process for longer than the configured timeout."""
@@ -113,20 +109,6 @@ def _retrying(op: Callable[[], T], *, what: str, timeout: float) -> T:
             delay = min(delay * 2, 0.5)
 
 
-def maybe_pause(stage: str) -> None:
-    """Test hook: pause forever at ``stage`` when ``$UNIFILTER_CATALOG_PAUSE`` asks for it (see :data:`PAUSE_ENV`)."""
-    spec = os.environ.get(PAUSE_ENV)
-    if not spec:
-        return
-    want, _, marker = spec.partition(":")
-    if want != stage:
-        return
-    Path(marker).write_text(str(os.getpid()))
-    logger.warning("paused at catalog stage %r for a crash test (pid %d)", stage, os.getpid())
-    while True:  # pragma: no cover - the test kills this process
-        time.sleep(1)
-
-
 def run_write(db_path: Path, work: Callable[[duckdb.DuckDBPyConnection], T], *, timeout: float) -> T:
     """Run ``work(conn)`` in one write transaction under the exclusive catalog lock.
 
@@ -144,7 +126,6 @@ def run_write(db_path: Path, work: Callable[[duckdb.DuckDBPyConnection], T], *, 
             conn.execute("BEGIN TRANSACTION")
             try:
                 result = work(conn)
-                maybe_pause("before_commit")
                 conn.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(duckdb.Error):

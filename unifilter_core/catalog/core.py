@@ -14,7 +14,7 @@ import duckdb
 import pyarrow as pa
 
 from unifilter_core.catalog import schema
-from unifilter_core.catalog._locking import maybe_pause, run_read, run_write
+from unifilter_core.catalog._locking import run_read, run_write
 from unifilter_core.catalog.ledger import LEDGER_FIELDS, parse_ledger
 from unifilter_core.catalog.records import TarRecord, as_timestamp, tar_record
 from unifilter_core.catalog.stats import ScoreStats, compute_score_stats, stats_key
@@ -141,27 +141,20 @@ class Catalog:
 
         columns = ("partition_key", "source", "kind", "path", "size_bytes", "mtime", "fingerprint",
                    "registered_at", "updated_at")  # fmt: skip
-        halves = [params[: len(params) // 2], params[len(params) // 2 :]]
-        # one set-based INSERT per half (a row-at-a-time executemany costs ~5 ms a row: 48 s for 10k tars);
-        # the pause point between the halves lets the crash tests kill a registration mid-transaction
-        tables = [pa.table({c: [row[i] for row in half] for i, c in enumerate(columns)}) for half in halves]
+        # one set-based INSERT (a row-at-a-time executemany costs ~5 ms a row: 48 s for 10k tars)
+        table = pa.table({c: [row[i] for row in params] for i, c in enumerate(columns)})
 
         def work(conn: duckdb.DuckDBPyConnection) -> None:
-            for step, table in enumerate(tables):
-                if step:
-                    maybe_pause("register_tars_mid")
-                if table.num_rows == 0:
-                    continue
-                conn.register("_new_tars", table)
-                try:
-                    conn.execute(
-                        """INSERT INTO tars SELECT * FROM _new_tars
-                        ON CONFLICT (partition_key) DO UPDATE SET source = excluded.source, kind = excluded.kind,
-                            path = excluded.path, size_bytes = excluded.size_bytes, mtime = excluded.mtime,
-                            fingerprint = excluded.fingerprint, updated_at = excluded.updated_at"""
-                    )
-                finally:
-                    conn.unregister("_new_tars")
+            conn.register("_new_tars", table)
+            try:
+                conn.execute(
+                    """INSERT INTO tars SELECT * FROM _new_tars
+                    ON CONFLICT (partition_key) DO UPDATE SET source = excluded.source, kind = excluded.kind,
+                        path = excluded.path, size_bytes = excluded.size_bytes, mtime = excluded.mtime,
+                        fingerprint = excluded.fingerprint, updated_at = excluded.updated_at"""
+                )
+            finally:
+                conn.unregister("_new_tars")
 
         self._write(work)
         return len(params)
@@ -216,7 +209,6 @@ class Catalog:
                 "DELETE FROM lineage WHERE asset_key = ? AND partition_key IS NOT DISTINCT FROM ?",
                 [asset_key, partition_key],
             )
-            maybe_pause("lineage_mid")
             conn.execute("INSERT INTO lineage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
             conn.execute(
                 "DELETE FROM lineage_history WHERE run_id = ? AND asset_key = ? "
@@ -250,7 +242,6 @@ class Catalog:
 
         def work(conn: duckdb.DuckDBPyConnection) -> None:
             conn.execute("DELETE FROM score_stats WHERE partition_key = ?", [partition_key])
-            maybe_pause("score_stats_mid")
             conn.execute(sql, params)
             if update_view:
                 schema.refresh_view_if_needed(conn, self.root, stats.score_path)
