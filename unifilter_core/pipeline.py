@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -352,21 +351,3 @@ def filter_partition(root: Path, spec: SourceSpec, tar: Path, partition_key: str
         result["datacomp_subset"] = str(subset)
     write_manifest_json(out.parent / f"{stem}.manifest.json", result)
     return result
-
-
-def merge_datacomp_subsets(root: Path, source: str, out: Path | None = None) -> Path:
-    """Merge a source's per-tar ``*.uids.npy`` into one sorted subset file for DataComp's resharder."""
-    folder = paths.filtered_dir(root, source)
-    parts = [np.load(p, allow_pickle=False) for p in sorted(folder.glob("*.uids.npy"))]
-    if not parts:
-        raise ValueError(f"no per-tar uid files under {folder}: materialize `filtered_dataset` first")
-    merged = np.sort(np.concatenate(parts))
-    out = out or folder / "subset.npy"
-    write_npy_atomic(out, merged)
-    return out
-
-
-def file_fingerprint_quick(path: Path) -> str:
-    """A cheap identity of a file for lineage (size and mtime), when hashing it would cost too much."""
-    st = os.stat(path)
-    return f"stat:{st.st_size}:{st.st_mtime_ns}"

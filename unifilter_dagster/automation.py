@@ -1,4 +1,5 @@
-"""Automation: the scoring job, the new-tar sensor and the stale-partition backfill schedule."""
+"""Automation: the scoring, filtering and training jobs, the new-tar sensor and the stale-partition backfill
+schedule."""
 
 from datetime import datetime, timezone
 
@@ -8,7 +9,8 @@ from dagster_shared.check import CheckError
 
 from unifilter_core.pipeline import discover_tar_records
 from unifilter_dagster.assets.tars import filtered_dataset, scores
-from unifilter_dagster.partitions import scoring_run_tags, tars_partitions
+from unifilter_dagster.assets.training import stage1_projector, stage2_classifier
+from unifilter_dagster.partitions import TRAINING_TAG, scoring_run_tags, tars_partitions
 from unifilter_dagster.resources import ScoringModelResource, UniFilterHome
 
 # `dagster job backfill -m unifilter_dagster -j score_tars --all` scores every registered tar.
@@ -24,6 +26,15 @@ filter_tars_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets(filtered_dataset),
     partitions_def=tars_partitions,
     description="Write the filtered tars of partitions (after quality_threshold).",
+)
+
+
+# training saturates the machine: dagster.yaml's tag concurrency limit lets one run with this tag run at a time
+train_classifier_job = dg.define_asset_job(
+    "train_classifier",
+    selection=dg.AssetSelection.assets(stage1_projector, stage2_classifier),
+    tags={TRAINING_TAG: "true"},
+    description="Train the stage-1 projector and the stage-2 classifier (one training run at a time).",
 )
 
 

@@ -16,6 +16,7 @@ from unifilter_dagster.automation import (
     new_tars_sensor,
     score_tars_job,
     stale_scores_schedule,
+    train_classifier_job,
 )
 from unifilter_dagster.resources import default_resources
 
@@ -33,7 +34,7 @@ ALL_ASSETS = [
 
 defs = dg.Definitions(
     assets=ALL_ASSETS,
-    jobs=[score_tars_job, filter_tars_job],
+    jobs=[score_tars_job, filter_tars_job, train_classifier_job],
     sensors=[new_tars_sensor],
     schedules=[stale_scores_schedule],
     resources=default_resources(),

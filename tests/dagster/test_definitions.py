@@ -83,4 +83,9 @@ def test_dagster_yaml_loads_as_instance_config(tmp_path: Path, monkeypatch: pyte
         gpu = [lim for lim in limits if lim["key"] == "unifilter/gpu"]
         assert {"key": "unifilter/gpu", "value": {"applyLimitPerUniqueValue": True}, "limit": 1} in gpu
         assert any(lim["key"] == "unifilter/training" and lim["limit"] == 1 for lim in limits)
+        # ... and the training job carries that tag, so the limit applies to its runs
+        from unifilter_dagster.automation import train_classifier_job
+        from unifilter_dagster.partitions import TRAINING_TAG
+
+        assert TRAINING_TAG == "unifilter/training" and train_classifier_job.tags == {TRAINING_TAG: "true"}
         assert instance.telemetry_enabled is False

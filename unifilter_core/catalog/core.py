@@ -20,7 +20,6 @@ from unifilter_core.catalog.records import TarRecord, as_timestamp, tar_record
 from unifilter_core.catalog.stats import ScoreStats, compute_score_stats, stats_key
 from unifilter_core.catalog.thresholds import (
     ThresholdRow,
-    format_table,
     query_thresholds,
     validate_selection,
 )
@@ -355,17 +354,6 @@ class Catalog:
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         )
         self._write(lambda conn: conn.executemany(sql, params))
-
-    def threshold_table(
-        self,
-        source: str | None = None,
-        keep_fraction: float | None = None,
-        absolute: float | None = None,
-        *,
-        record: bool = False,
-    ) -> str:
-        """:meth:`compute_threshold` formatted as a text table (not recorded unless asked)."""
-        return format_table(self.compute_threshold(source, keep_fraction, absolute, record=record))
 
     # -- generation ledger ----------------------------------------------------------------------------------
 

@@ -71,12 +71,6 @@ class ScoreStats:
     reasons: dict[str, int] = field(default_factory=dict)
     model_fingerprint: str | None = None
 
-    def to_json(self) -> str:
-        """The stats as JSON (for Dagster metadata or logs)."""
-        from dataclasses import asdict
-
-        return json.dumps(asdict(self), sort_keys=True)
-
 
 def compute_score_stats(partition_key: str, parquet_path: str | Path) -> ScoreStats:
     """Read one score parquet with DuckDB and summarise it.

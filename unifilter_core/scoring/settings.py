@@ -13,7 +13,6 @@ and the resource field.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from collections.abc import Mapping
@@ -212,9 +211,6 @@ class ScoringSettings:
             num_workers=self.num_workers,
             **engine,
         )
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def _resolve_device(device: str, gpu_index: int | None) -> str:

@@ -24,10 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
-from unifilter_core.data.images import decode_image
 from unifilter_core.prepare import (
     IMAGE_TOKEN,
     IMAGE_TOKEN_INDEX,
@@ -440,11 +438,3 @@ def _check_class_labels(labels: list[int | float]) -> None:
             f"labels {bad[:5]} are not integers: a classification head (num_labels >= 2) needs class ids; float "
             "labels train a regression head (num_labels = 1)"
         )
-
-
-def load_pil(path: str | os.PathLike[str]) -> Image.Image | SampleFailure:
-    """Decode one image file with the readers' hardened decoder (for callers outside the datasets)."""
-    try:
-        return decode_image(Path(path).read_bytes())
-    except OSError as exc:
-        return SampleFailure(Reason.MISSING_IMAGE, detail=f"{path}: {exc}")
