@@ -9,9 +9,12 @@ A real HTTP server on 127.0.0.1 (random port, one thread per connection) impleme
   (JSON Lines), with batches that end after a scripted number of polls.
 
 Fault injection: :attr:`FakeAnthropic.message_faults` is a queue consumed one entry per ``POST /v1/messages``:
-``"429"`` / ``"429:<seconds>"`` (rate limit with ``retry-after``), ``"500"``, ``"529"`` (overloaded), ``"reset"``
-(the socket is closed with a TCP reset, no response), ``"slow"`` (answers after :attr:`slow_s`, past the
-client's timeout), ``"malformed"`` (a tool input missing a level), ``"no_tool"`` (text only), ``"400"``.
+``"429"`` / ``"429:<seconds>"`` (rate limit with ``retry-after``), ``"500"`` / ``"529"`` (overloaded), also with
+``:<seconds>`` for a ``retry-after``, ``"reset"`` (the socket is closed with a TCP reset, no response), ``"slow"``
+(answers after :attr:`slow_s`, past the client's timeout), ``"malformed"`` (a tool input missing a level),
+``"no_tool"`` (text only), ``"400"``. :attr:`FakeAnthropic.batch_create_faults` is the same for
+``POST /v1/messages/batches`` (``"429"``, ``"500"``, ``"529"`` with optional ``:<seconds>``): the batch is then
+not created; :attr:`FakeAnthropic.batch_get_faults` for the ``GET`` of a batch or its results.
 :meth:`FakeAnthropic.plan_batch` scripts the next created batch (polls before it ends, result type, malformed
 outputs); :meth:`FakeAnthropic.end_batch` ends one now.
 
@@ -37,6 +40,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 TOOL_MARKER_RE = re.compile(r"exactly (\d+) <image> markers")
+_STATUS_FAULTS = {
+    "429": ("rate_limit_error", "Rate limited"),
+    "500": ("api_error", "Internal server error"),
+    "529": ("overloaded_error", "Overloaded"),
+}
 
 
 @dataclass
@@ -75,6 +83,8 @@ class FakeAnthropic:
     def __init__(self, api_key: str) -> None:
         self.api_key = api_key
         self.message_faults: deque[str] = deque()
+        self.batch_create_faults: deque[str] = deque()
+        self.batch_get_faults: deque[str] = deque()
         self.slow_s = 1.0
         self.requests: list[Received] = []
         self.billed: list[Billed] = []
@@ -324,6 +334,16 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         self.connection.close()
 
+    def _status_fault(self, fault: str) -> bool:
+        """Answer a ``429`` / ``500`` / ``529`` fault (``:<seconds>``: a ``retry-after``); False for other faults."""
+        kind, _, arg = fault.partition(":")
+        if kind not in _STATUS_FAULTS:
+            return False
+        etype, message = _STATUS_FAULTS[kind]
+        retry_after = arg or ("0" if kind == "429" else None)
+        self._error(int(kind), etype, message, {"retry-after": retry_after} if retry_after else None)
+        return True
+
     def _authorised(self) -> bool:
         bearer = (self.headers.get("authorization") or "").removeprefix("Bearer ")
         if self.state.api_key not in (self.headers.get("x-api-key"), bearer):
@@ -345,17 +365,22 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/v1/messages":
             self._messages(body)
         elif path == "/v1/messages/batches":
-            self._record(body, "ok")
-            batch = self.state.create_batch(body)
-            self._send(200, self.state.batch_json(batch))
+            with self.state._lock:
+                fault = self.state.batch_create_faults.popleft() if self.state.batch_create_faults else "ok"
+            self._record(body, fault)
+            if not self._status_fault(fault):
+                batch = self.state.create_batch(body)
+                self._send(200, self.state.batch_json(batch))
         else:
             self._record(body, "404")
             self._error(404, "not_found_error", f"no route {path}")
 
     def do_GET(self) -> None:  # noqa: N802
         path = self.path.split("?")[0]
-        self._record(None, "ok")
-        if not self._authorised():
+        with self.state._lock:
+            fault = self.state.batch_get_faults.popleft() if self.state.batch_get_faults else "ok"
+        self._record(None, fault)
+        if not self._authorised() or self._status_fault(fault):
             return
         match = re.fullmatch(r"/v1/messages/batches/([\w-]+)(/results)?", path)
         if not match or match.group(1) not in self.state.batches:
@@ -376,15 +401,10 @@ class _Handler(BaseHTTPRequestHandler):
         with fake._lock:
             fault = fake.message_faults.popleft() if fake.message_faults else "ok"
         self._record(params, fault)
-        kind, _, arg = fault.partition(":")
-        if kind == "429":
-            retry = arg or "0"
-            self._error(429, "rate_limit_error", "Rate limited", {"retry-after": retry})
-        elif kind == "500":
-            self._error(500, "api_error", "Internal server error")
-        elif kind == "529":
-            self._error(529, "overloaded_error", "Overloaded")
-        elif kind == "400":
+        kind = fault.partition(":")[0]
+        if self._status_fault(fault):
+            return
+        if kind == "400":
             self._error(400, "invalid_request_error", "Could not process image")
         elif kind == "reset":
             self._reset()

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def fast(**kw) -> ClaudeConfig:
-    base = {"retry_base_s": 0.001, "poll_interval_s": 0.02, "timeout_s": 5.0, "concurrency": 2}
+    base = {"poll_interval_s": 0.02, "timeout_s": 5.0, "concurrency": 2}
     return ClaudeConfig(**{**base, **kw})
 
 
@@ -106,7 +106,9 @@ def test_messages_end_to_end_and_rerun_sends_nothing(tmp_path: Path, fake: FakeA
 
 
 def test_faults_are_retried_and_nothing_is_paid_twice(tmp_path: Path, fake: FakeAnthropic) -> None:
-    fake.message_faults.extend(["429", "500", "529", "reset", "slow"])
+    """The SDK retries (ClaudeConfig.max_retries): its backoff (0.5 s, 1 s) after the reset and the timeout,
+    the server's retry-after after the 429 / 500 / 529."""
+    fake.message_faults.extend(["reset", "slow", "429:0.01", "500:0.01", "529:0.01"])
     fake.slow_s = 1.0
     config = fast(mode="messages", concurrency=1, timeout_s=0.4)
     out = tmp_path / "out"
@@ -138,6 +140,26 @@ def test_retries_exhausted_is_recorded_and_resent_next_run(tmp_path: Path, fake:
     assert ledger_of(out).events()[-1].error_type == "overloaded_error"
     summary = run_claude_generation("caption", items, out, config)
     assert summary["requests_by_status"] == {"succeeded": 1}
+
+
+def test_batch_create_is_sent_once_and_resent_next_run(tmp_path: Path, fake: FakeAnthropic) -> None:
+    """A failed batch creation is never retried by the SDK (a second batch could pay twice); polls are."""
+    fake.batch_create_faults.append("529:0.01")
+    config = fast(mode="batches", max_retries=5)
+    out = tmp_path / "out"
+    items = caption_items(tmp_path, 2)
+    first = run_claude_generation("caption", items, out, config)
+    assert first["requests_by_status"] == {"failed": 2} and fake.batch_creates() == 1
+    assert {(e.error_type, e.attempts) for e in ledger_of(out).state().values()} == {("overloaded_error", 0)}
+    fake.batch_get_faults.extend(["500:0.01", "529:0.01"])  # a poll, then its retry
+    second = run_claude_generation("caption", items, out, config)
+    assert second["requests_by_status"] == {"succeeded": 2} and fake.batch_creates() == 2
+    assert [r.outcome for r in fake.received("GET", "/v1/messages/batches")][:3] == [
+        "500:0.01",
+        "529:0.01",
+        "ok",
+    ]
+    assert set(fake.billed_identities().values()) == {1}
 
 
 def test_malformed_output_is_reasked_once_then_failed(tmp_path: Path, fake: FakeAnthropic) -> None:
@@ -446,3 +468,27 @@ def test_obelics_documents_source(tmp_path: Path, fake: FakeAnthropic) -> None:
     assert [b["type"] for b in sent] == ["text", "image", "text", "image", "text"]
     captions, _ = load_items("caption", SourceSpec("obelics", docs))
     assert len(captions) == 2
+
+
+# ---- one dispatch for the CLI and Dagster (synth/generate.py) ------------------------------------------------------
+def test_generate_pairs_dispatch_and_typed_errors(tmp_path: Path, fake: FakeAnthropic) -> None:
+    from unifilter_core.synth.claude_sources import MissingWorldImagesError
+    from unifilter_core.synth.generate import SourceMismatchError, generate_pairs
+
+    src = make_images(tmp_path / "src", 2)
+    with pytest.raises(SourceMismatchError):
+        generate_pairs("world", "caption", tmp_path / "w", source=SourceSpec("images", src))
+    with pytest.raises(ValueError, match="limit"):
+        generate_pairs("claude", "caption", tmp_path / "c", source=SourceSpec("images", src), limit=0)
+    with pytest.raises(MissingWorldImagesError):
+        generate_pairs("claude", "caption", tmp_path / "c", data_root=tmp_path / "empty_root")
+    result = generate_pairs(
+        "claude",
+        "caption",
+        tmp_path / "c",
+        source=SourceSpec("images", src),
+        claude_config=fast(mode="messages"),
+    )
+    assert result.records == 8 and result.ledger_path == tmp_path / "c" / "ledger.jsonl"
+    assert result.summary["skipped_sources"] == result.skipped_sources == {}
+    assert result.world_pairs_moved_to is None and "world_pairs_moved_to" not in result.summary

@@ -57,8 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def parse_source(tokens: list[str], image_folder: Path | None) -> Any:
-    """``["images", "DIR"]`` -> a :class:`~unifilter_core.synth.claude.SourceSpec`."""
-    from unifilter_core.synth.claude import SOURCE_TYPES, SourceSpec
+    """``["images", "DIR"]`` -> a :class:`~unifilter_core.synth.claude_sources.SourceSpec`."""
+    from unifilter_core.synth.claude_sources import SOURCE_TYPES, SourceSpec
 
     kind, rest = tokens[0], tokens[1:]
     if kind not in SOURCE_TYPES:
@@ -75,48 +75,65 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or synthetic_dir(root, args.kind)
     spec = parse_source(args.source, args.image_folder)
     backend = args.backend or ("world" if spec.type == "world" else "claude")
-    from unifilter_core.synth.pairs_folder import PairsFolderConflict, move_world_pairs_aside
-
-    try:
-        if backend == "world":
-            summary = _run_world(args, spec, out)
-        else:
-            # the default folder may hold the demo's world pairs: keep them as synthetic/<kind>.world
-            moved = move_world_pairs_aside(out) if args.out is None else None
-            summary = _run_claude(args, spec, out, root)
-            if moved is not None:
-                summary["world_pairs_moved_to"] = str(moved)
-    except PairsFolderConflict as exc:
-        raise CLIError(str(exc)) from exc
-    print(json.dumps(summary, indent=1, sort_keys=True))
+    if backend == "world":
+        ignored = [f"--{name.replace('_', '-')}" for name in _CLAUDE_FLAGS if getattr(args, name) is not None]
+        if ignored:
+            logger.warning("ignored with --backend world: %s", " ".join(ignored))
+    result = _generate(args, backend, spec, out, root)
+    print(json.dumps(result.summary, indent=1, sort_keys=True))
     return 0
 
 
-def _run_world(args: argparse.Namespace, spec: Any, out: Path) -> dict[str, Any]:
-    if spec.type != "world":
-        raise CLIError("--backend world generates its own images: use --source world (or --backend claude)")
-    ignored = [f"--{name.replace('_', '-')}" for name in _CLAUDE_FLAGS if getattr(args, name) is not None]
-    if ignored:
-        logger.warning("ignored with --backend world: %s", " ".join(ignored))
-    try:
-        from unifilter_core.synth.world import WorldConfig, write_synthetic_pairs
-    except ImportError as exc:
-        raise CLIError(f"the world backend is not available in this build ({exc})") from exc
-    return write_synthetic_pairs(args.kind, out, WorldConfig())
-
-
-def _run_claude(args: argparse.Namespace, spec: Any, out: Path, root: Path) -> dict[str, Any]:
-    import anthropic
-
-    from unifilter_core.synth.claude import (
-        ClaudeConfig,
-        ClaudeRunError,
-        MissingAPIKeyError,
-        load_items,
-        run_claude_generation,
+def _generate(args: argparse.Namespace, backend: str, spec: Any, out: Path, root: Path) -> Any:
+    """:func:`unifilter_core.synth.generate.generate_pairs` with the flags; its errors worded for the shell."""
+    from unifilter_core.synth.claude_sources import MissingWorldImagesError
+    from unifilter_core.synth.generate import (
+        BackendUnavailableError,
+        ClaudeAPIError,
+        GenerationError,
+        SourceMismatchError,
+        generate_pairs,
     )
 
-    overrides = {
+    config, run_errors = None, ()
+    try:
+        if backend == "claude":
+            try:
+                from unifilter_core.synth.claude_config import ClaudeConfig, ClaudeRunError
+            except ImportError as exc:
+                raise BackendUnavailableError("claude", exc) from exc
+            run_errors = (ClaudeRunError,)
+            config = ClaudeConfig(**{k: v for k, v in _claude_overrides(args).items() if v is not None})
+        return generate_pairs(
+            backend,
+            args.kind,
+            out,
+            source=spec,
+            claude_config=config,
+            limit=args.limit,
+            data_root=root,
+            # the default folder may hold the demo's world pairs: keep them as synthetic/<kind>.world
+            move_world_pairs=args.out is None,
+        )
+    except SourceMismatchError as exc:
+        raise CLIError(
+            "--backend world generates its own images: use --source world (or --backend claude)"
+        ) from exc
+    except MissingWorldImagesError as exc:
+        raise CLIError(f"{exc}: run `unifilter world` first") from exc
+    except ClaudeAPIError as exc:
+        raise CLIError(f"{exc}; rerun the same command to resume") from exc
+    except (
+        ValueError,
+        GenerationError,
+        *run_errors,
+    ) as exc:  # flags, source, folder conflicts, key, refusals
+        raise CLIError(str(exc)) from exc
+
+
+def _claude_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """``ClaudeConfig`` fields given on the command line (None: not given)."""
+    return {
         "model": args.model,
         "budget_usd": args.budget_usd,
         "mode": args.mode,
@@ -125,23 +142,3 @@ def _run_claude(args: argparse.Namespace, spec: Any, out: Path, root: Path) -> d
         "poll_interval_s": args.poll_interval,
         "images_per_document": args.images_per_document,
     }
-    try:
-        config = ClaudeConfig(**{k: v for k, v in overrides.items() if v is not None})
-        if args.limit is not None and args.limit < 1:
-            raise ValueError(f"--limit must be >= 1, got {args.limit}")
-        items, skipped = load_items(
-            args.kind,
-            spec,
-            images_per_document=config.images_per_document,
-            limit=args.limit,
-            data_root=root,
-        )
-        summary = run_claude_generation(args.kind, items, out, config)
-    except (MissingAPIKeyError, ClaudeRunError, ValueError) as exc:
-        raise CLIError(str(exc)) from exc
-    except anthropic.APIError as exc:
-        raise CLIError(
-            f"Anthropic API error ({type(exc).__name__}); rerun the same command to resume"
-        ) from exc
-    summary["skipped_sources"] = skipped
-    return summary

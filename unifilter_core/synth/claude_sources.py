@@ -19,6 +19,14 @@ LLAVA_JSON = "blip_laion_cc_sbu_558k.json"
 MAX_DOCUMENT_IMAGES = 20
 
 
+class MissingWorldImagesError(ValueError):
+    """The ``world`` source was asked for before the world's LLaVA-Pretrain set was written."""
+
+    def __init__(self, json_path: Path) -> None:
+        super().__init__(f"the world's images are not there ({json_path})")
+        self.json_path = json_path
+
+
 @dataclass(slots=True)
 class ImageRef:
     """One source image: its bytes in memory (OBELICS base64) or a file read when needed."""
@@ -128,7 +136,7 @@ def _source_images(spec: SourceSpec, data_root: Path | None) -> list[ImageRef]:
 
         json_path = pretrain_dir(data_root or default_root()) / LLAVA_JSON
         if not json_path.exists():
-            raise ValueError(f"the world's images are not there ({json_path}): run `unifilter world` first")
+            raise MissingWorldImagesError(json_path)
         return _llava_images(json_path, None)
     return _llava_images(_existing(spec.path, "LLaVA-Pretrain JSON"), spec.image_folder)
 

@@ -17,38 +17,36 @@ def _generate_pairs(
     claude: ClaudeResource,
     duckdb: DuckDBResource,
 ) -> dg.MaterializeResult:
+    from unifilter_core.synth.claude_sources import MissingWorldImagesError, SourceSpec
+    from unifilter_core.synth.generate import generate_pairs
+
     root = home.root_path
     out = paths.synthetic_dir(root, kind)
     with timed() as timing:
-        if claude.backend == "world":
-            from unifilter_core.synth import write_synthetic_pairs
-
-            summary = write_synthetic_pairs(kind, out, home.world.to_world_config())
-        else:
-            from unifilter_core.synth.claude import SourceSpec, load_items, run_claude_generation
-            from unifilter_core.synth.pairs_folder import move_world_pairs_aside
-
-            spec = SourceSpec(claude.source_type, Path(claude.source_path) if claude.source_path else None)
-            items, skipped = load_items(kind, spec, limit=claude.limit, data_root=root)
-            moved = move_world_pairs_aside(out)  # e.g. the demo's world pairs: kept in synthetic/<kind>.world
-            if moved is not None:
-                context.log.info(f"world pairs moved from {out} to {moved}")
-            summary = run_claude_generation(kind, items, out, claude.claude_config())
-            summary["source_skipped"] = skipped
-            if moved is not None:
-                summary["world_pairs_moved_to"] = str(moved)
+        try:
+            if claude.backend == "claude":
+                spec = SourceSpec(
+                    claude.source_type, Path(claude.source_path) if claude.source_path else None
+                )
+                settings = {"source": spec, "claude_config": claude.claude_config(), "limit": claude.limit}
+            else:
+                settings = {"world_config": home.world.to_world_config()}
+            result = generate_pairs(claude.backend, kind, out, data_root=root, **settings)
+        except MissingWorldImagesError as exc:
+            raise dg.Failure(f"{exc}: materialize llava_pretrain_subset first (the world's images)") from exc
+        if result.world_pairs_moved_to is not None:
+            context.log.info(f"world pairs moved from {out} to {result.world_pairs_moved_to}")
     catalog = home.catalog(duckdb)
-    if claude.backend == "claude":
-        catalog.ingest_ledger(out / "ledger.jsonl", kind=kind)
-    rows = int(summary.get("train", 0)) + int(summary.get("val", 0))
-    record(catalog, context, timing, rows=rows)
+    if result.ledger_path is not None:
+        catalog.ingest_ledger(result.ledger_path, kind=kind)
+    record(catalog, context, timing, rows=result.records)
     return dg.MaterializeResult(
         metadata={
-            "backend": claude.backend,
+            "backend": result.backend,
             "path": dg.MetadataValue.path(str(out)),
-            "records": rows,
+            "records": result.records,
             "seconds": timing["seconds"],
-            **scalar_metadata(summary),
+            **scalar_metadata(result.summary),
         }
     )
 
