@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from unifilter_core.data.images import decode_image
-from unifilter_core.modeling import load_config as load_model_config
+from unifilter_core.modeling import load_checkpoint_config
 from unifilter_core.prepare import IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from unifilter_core.processing import DOC_SLOT_SEPARATOR, PreparedSample, ProcessingConfig, UniFilterProcessor
 from unifilter_core.records import Reason
@@ -69,7 +69,7 @@ def _stage2(ckpt: Path, data: Path, **kw):
     values = {"model_path": str(ckpt), "output_dir": str(data.parent / "out"), "data_path": str(data)}
     values.update(kw)
     config = load_config(None, "stage2", values)
-    processor = make_processor(SimpleNamespace(config=load_model_config(ckpt)), str(ckpt), config)
+    processor = make_processor(SimpleNamespace(config=load_checkpoint_config(ckpt)), str(ckpt), config)
     return make_dataset(processor, config, train=True, cache_images=False)
 
 
@@ -134,7 +134,7 @@ def test_stage1_caption_inputs_equal_the_scorers(
         "stage1",
         {"model_path": str(tiny_checkpoint), "output_dir": str(tmp_path / "o"), "data_path": "x"},
     )
-    model = SimpleNamespace(config=load_model_config(tiny_checkpoint))
+    model = SimpleNamespace(config=load_checkpoint_config(tiny_checkpoint))
     processor = stage1_processor(model, str(tiny_checkpoint), config)
     dataset = CaptionPretrainDataset(
         processor, tmp_path / "pretrain.json", caption_max_tokens=config.caption_max_tokens

@@ -78,10 +78,10 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def processor(tiny_tokenizer, tiny_checkpoint: Path) -> UniFilterProcessor:
-    from unifilter_core.modeling import load_config as load_model_config
+    from unifilter_core.modeling import load_checkpoint_config
 
     return UniFilterProcessor(
-        tiny_tokenizer, ProcessingConfig.from_model_config(load_model_config(tiny_checkpoint))
+        tiny_tokenizer, ProcessingConfig.from_model_config(load_checkpoint_config(tiny_checkpoint))
     )
 
 

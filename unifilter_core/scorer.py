@@ -78,7 +78,7 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ValueError(f"{folder} has no config.json; is it a UniFilter checkpoint folder?")
-    from unifilter_core.modeling.checkpoint import read_config_json
+    from unifilter_core.modeling.configuration_unifilter import read_config_json
 
     model_type = read_config_json(config_file).get("model_type")
     if model_type not in ("llava_qwen", "llava_qwen3"):
@@ -399,12 +399,11 @@ def load_scorer(
     settings = _resolved(settings)
     vision_tower = settings.vision_tower
 
-    from unifilter_core.modeling import UniFilterForQualityScoring, load_config
-    from unifilter_core.modeling.checkpoint import check_special_ids
+    from unifilter_core.modeling import UniFilterForQualityScoring, check_special_ids, load_checkpoint_config
     from unifilter_core.tokenization import load_tokenizer
 
     tokenizer = load_tokenizer(folder)
-    config = load_config(folder, vision_tower=vision_tower)
+    config = load_checkpoint_config(folder, vision_tower=vision_tower)
     check_special_ids(config, source=f"tokenizer in {folder}", ids=_tokenizer_ids(tokenizer))
     processing = _processing_config(
         config, settings

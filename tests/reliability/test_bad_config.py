@@ -115,7 +115,7 @@ def test_bad_checkpoint_files_are_one_value_error(
     """Each broken file is one ValueError naming the file and the repair, raised before weights are used."""
     import re
 
-    from unifilter_core.modeling import checkpoint as checkpoint_module
+    from unifilter_core.modeling import modeling_unifilter
     from unifilter_core.scorer import load_scorer
 
     path, file_name, pattern = bad_checkpoint_files[case]
@@ -123,7 +123,7 @@ def test_bad_checkpoint_files_are_one_value_error(
     def no_model(*args, **kwargs):
         raise AssertionError("a model was built from a checkpoint with a broken file")
 
-    monkeypatch.setattr(checkpoint_module, "load_state_strict", no_model)
+    monkeypatch.setattr(modeling_unifilter, "UniFilterModel", no_model)  # what every model build constructs
     with pytest.raises(ValueError) as info:
         load_scorer(path)
     message = str(info.value)

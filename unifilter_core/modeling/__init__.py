@@ -1,17 +1,20 @@
 """The UniFilter model: configs, the quality classifier, checkpoint I/O (released layout) and presets.
 
 Importing this package registers both model types (``llava_qwen``, ``llava_qwen3``) with ``AutoConfig``,
-``AutoModel`` and ``AutoModelForSequenceClassification``.
+``AutoModel`` and ``AutoModelForSequenceClassification`` (importing the model module registers the released
+key layout with transformers' weight-conversion mapping).
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
-from unifilter_core.modeling.checkpoint import load_config, load_model, save_model
 from unifilter_core.modeling.configuration_unifilter import (
     IMAGE_TOKEN_INDEX,
     UniFilterConfig,
     UniFilterQwen3Config,
+    check_special_ids,
     config_class_for,
+    load_checkpoint_config,
+    read_config_json,
 )
 from unifilter_core.modeling.init import init_checkpoint, tokenizer_facts
 from unifilter_core.modeling.modeling_unifilter import (
@@ -44,12 +47,12 @@ __all__ = [
     "UniFilterQwen3Config",
     "UniFilterQwen3ForQualityScoring",
     "available_presets",
+    "check_special_ids",
     "config_class_for",
     "init_checkpoint",
-    "load_config",
-    "load_model",
+    "load_checkpoint_config",
     "load_preset",
-    "save_model",
+    "read_config_json",
     "scores_from_logits",
     "tokenizer_facts",
 ]

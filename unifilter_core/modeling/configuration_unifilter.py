@@ -9,7 +9,10 @@ configs lack ``vision_config``; it is then resolved from ``mm_vision_tower`` (se
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -22,6 +25,8 @@ from unifilter_core.modeling.vision_tower import (
 )
 
 IMAGE_TOKEN_INDEX = -200
+CONFIG_NAME = "config.json"
+REPAIR_HINT = "re-download the checkpoint, or re-save it with save_pretrained (UniFilterForQualityScoring.save_pretrained)"
 PROJECTOR_TYPES = ("aapool_mlp",)
 ASPECT_RATIOS = ("pad", "resize")
 # LLaVA's default "square" (checkpoints trained with the original code without --image_aspect_ratio pad) stretches
@@ -160,11 +165,9 @@ class UniFilterConfig(PreTrainedConfig):
         Raises:
             ValueError: when the directory is missing or its ``model_type`` belongs to another config class.
         """
-        from unifilter_core.modeling.checkpoint import load_config
-
         if kwargs.get("trust_remote_code"):
             raise ValueError("trust_remote_code is never used: UniFilter configs are built from this package")
-        config = load_config(pretrained_model_name_or_path, vision_tower=vision_tower)
+        config = load_checkpoint_config(pretrained_model_name_or_path, vision_tower=vision_tower)
         if not isinstance(config, cls):
             raise ValueError(
                 f"{pretrained_model_name_or_path} holds a {config.model_type!r} checkpoint, not {cls.model_type!r}"
@@ -285,3 +288,85 @@ def config_class_for(model_type: str | None) -> type[UniFilterConfig]:
         raise ValueError(
             f"model_type {model_type!r} is not a UniFilter checkpoint; supported: {', '.join(CONFIG_CLASSES)}"
         ) from None
+
+
+def read_config_json(path: Path) -> dict[str, Any]:
+    """The JSON object in a checkpoint's ``config.json``.
+
+    Raises:
+        ValueError: the file cannot be read, is not JSON, or holds something other than an object; the message
+            names the file and what to do.
+    """
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(
+            f"{path} is not a readable JSON file ({type(exc).__name__}: {exc}); {REPAIR_HINT}"
+        ) from None
+    if not isinstance(raw, dict):
+        raise ValueError(
+            f"{path} holds a JSON {type(raw).__name__}, not an object with the model config; {REPAIR_HINT}"
+        )
+    return raw
+
+
+def check_special_ids(config: UniFilterConfig, *, source: str, ids: Mapping[str, Any] | None = None) -> None:
+    """Refuse special token ids the embedding table cannot hold (they would fail at the first sample).
+
+    Args:
+        config: the model config (``text_config.vocab_size`` rows in the embedding).
+        source: where the ids come from, for the message (``config.json`` or a tokenizer folder).
+        ids: name -> id to check; default the config's pad/bos/eos ids.
+
+    Raises:
+        ValueError: an id is negative or >= ``vocab_size``.
+    """
+    vocab = int(config.text_config.vocab_size)
+    if ids is None:
+        ids = {name: getattr(config, name, None) for name in _TOKEN_FIELDS}
+    for name, value in ids.items():
+        values = value if isinstance(value, list) else [value]
+        bad = [v for v in values if v is not None and not 0 <= int(v) < vocab]
+        if bad:
+            where = Path(config.name_or_path) / CONFIG_NAME if config.name_or_path else "the config"
+            raise ValueError(
+                f"{source}: {name}={value} does not fit vocab_size={vocab} of {where} (ids must be "
+                f"0..{vocab - 1}); the config and the tokenizer disagree: {REPAIR_HINT}"
+            )
+
+
+def checkpoint_dir(path: str | os.PathLike[str]) -> Path:
+    """``path`` as an existing local directory (models are never downloaded).
+
+    Raises:
+        ValueError: it is not an existing directory.
+    """
+    directory = Path(path)
+    if not directory.is_dir():
+        raise ValueError(f"checkpoint directory {directory} does not exist (models are never downloaded)")
+    return directory
+
+
+def load_checkpoint_config(
+    path: str | os.PathLike[str], *, vision_tower: str | None = None
+) -> UniFilterConfig:
+    """Read ``config.json`` of a checkpoint directory into the config class its ``model_type`` names.
+
+    Args:
+        path: an existing checkpoint directory.
+        vision_tower: optional local SigLIP directory used when config.json has no ``vision_config``.
+
+    Raises:
+        ValueError: when the directory or config.json does not exist, or the config is invalid.
+    """
+    directory = checkpoint_dir(path)
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise ValueError(f"{directory} has no {CONFIG_NAME}; it is not a UniFilter checkpoint directory")
+    raw = read_config_json(config_path)
+    config_cls = config_class_for(raw.get("model_type"))
+    if vision_tower is not None and "vision_config" not in raw:
+        raw["vision_tower"] = vision_tower
+    config = config_cls(**raw, name_or_path=str(directory))
+    check_special_ids(config, source=str(config_path))
+    return config

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from unifilter_core.fileio import atomic_write_text
 from unifilter_core.modeling.configuration_unifilter import config_class_for
 from unifilter_core.modeling.modeling_unifilter import MODEL_CLASSES, UniFilterForQualityScoring
 from unifilter_core.modeling.presets import load_preset
@@ -85,7 +86,7 @@ def _write_vision_tower_dir(model: UniFilterForQualityScoring, directory: Path) 
     """Write the tower as a stand-alone SigLIP folder (config, image-processor config, safetensors)."""
     directory.mkdir(parents=True, exist_ok=True)
     vision = model.config.vision_config
-    (directory / "config.json").write_text(json.dumps(vision_config_to_dict(vision), indent=2) + "\n")
+    atomic_write_text(directory / "config.json", json.dumps(vision_config_to_dict(vision), indent=2) + "\n")
     processor = {
         "image_processor_type": "SiglipImageProcessor",
         "do_resize": True,
@@ -97,7 +98,7 @@ def _write_vision_tower_dir(model: UniFilterForQualityScoring, directory: Path) 
         "image_mean": [0.5, 0.5, 0.5],
         "image_std": [0.5, 0.5, 0.5],
     }
-    (directory / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+    atomic_write_text(directory / "preprocessor_config.json", json.dumps(processor, indent=2) + "\n")
     state = {f"vision_model.{k}": v for k, v in model.model.vision_tower.state_dict().items()}
     save_safetensors_atomic(state, directory / WEIGHTS_NAME)
 

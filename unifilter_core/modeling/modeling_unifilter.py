@@ -1,12 +1,13 @@
 """UniFilter quality classifier: SigLIP tower -> aapool projector -> image splicing -> Qwen body -> score head.
 
-Module tree (our names; ``checkpoint.py`` maps them to the released key names):
+Module tree (our names; ``layout.py`` maps them to the released key names):
 ``model.vision_tower`` (SiglipVisionModel), ``model.mm_projector.mlp_projector`` (Linear, GELU, Linear),
 ``model.language_model`` (Qwen2Model / Qwen3Model, chosen by the text config's model_type), ``score``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -17,9 +18,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, PreTrainedModel, SiglipVisionModel
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.utils import ModelOutput
 
-from unifilter_core.modeling.configuration_unifilter import UniFilterConfig, UniFilterQwen3Config
+from unifilter_core.fileio import atomic_write_text
+from unifilter_core.modeling.configuration_unifilter import (
+    CONFIG_NAME,
+    UniFilterConfig,
+    UniFilterQwen3Config,
+    checkpoint_dir,
+    load_checkpoint_config,
+)
+from unifilter_core.modeling.layout import (
+    RELEASED_VISION_PREFIX,
+    VISION_PREFIX,
+    raise_on_problems,
+    released_conversions,
+    to_released_key,
+)
+from unifilter_core.modeling.safetensors_io import WEIGHTS_NAME, save_safetensors_atomic, weight_keys
+from unifilter_core.modeling.vision_tower import load_tower_from_folder
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +208,7 @@ class UniFilterForQualityScoring(PreTrainedModel):
     _supports_flash_attn = True
     _supports_attention_backend = True
     _no_split_modules = ["SiglipEncoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"]
-    _keep_in_fp32_modules = ["score"]
+    _keep_in_fp32_modules_strict = ["score"]  # the head stays float32 under bf16 and fp16 loads
     accepts_loss_kwargs = False  # the loss is a plain mean over rows
 
     def __init__(self, config: UniFilterConfig) -> None:
@@ -295,40 +313,78 @@ class UniFilterForQualityScoring(PreTrainedModel):
         pretrained_model_name_or_path: str | Path,
         *model_args: Any,
         vision_tower: str | None = None,
-        torch_dtype: torch.dtype | str | None = None,
-        attn_implementation: str = "sdpa",
         **kwargs: Any,
     ) -> UniFilterForQualityScoring:
-        """Load a checkpoint directory (released layout or our saves); never uses the network.
+        """Load a checkpoint directory (released layout or our saves) with transformers' loader; no network.
+
+        The released key names are renamed by the conversion mapping registered for both model types
+        (``layout.released_conversions``), so every ``from_pretrained`` option of transformers works
+        (``device_map``, ``dtype``, ``attn_implementation``, ...). Loading is strict: a missing or unexpected key
+        or a shape mismatch raises. A checkpoint without tower weights takes them from the local SigLIP folder
+        ``mm_vision_tower`` (or ``vision_tower=``) names.
 
         Args:
             pretrained_model_name_or_path: an existing local checkpoint directory.
             vision_tower: a local SigLIP directory to take the tower architecture/weights from when the
                 checkpoint lacks them (overrides ``mm_vision_tower``).
-            torch_dtype: e.g. ``torch.bfloat16`` or ``"bfloat16"``; default float32. The score head stays fp32.
-            attn_implementation: ``"sdpa"`` (default), ``"eager"`` or ``"flash_attention_2"``.
-            **kwargs: ``config=``/``dtype=`` as passed by the Auto classes; hub options are ignored.
+            **kwargs: transformers' options; ``torch_dtype``/``dtype`` default float32 (the score head stays
+                fp32), ``attn_implementation`` defaults to ``"sdpa"``. ``trust_remote_code`` is refused.
 
         Returns:
             The model in eval mode; its class follows the checkpoint's ``model_type``.
-        """
-        from unifilter_core.modeling.checkpoint import load_model
 
+        Raises:
+            ValueError: the directory, its config or its weights are unusable (the message says which and why).
+        """
         if model_args:
             raise TypeError("from_pretrained takes no positional arguments besides the path")
-        return load_model(
-            pretrained_model_name_or_path,
-            vision_tower=vision_tower,
-            torch_dtype=torch_dtype if torch_dtype is not None else kwargs.pop("dtype", None),
-            attn_implementation=attn_implementation,
-            config=kwargs.pop("config", None),
-            extra=kwargs,
+        if kwargs.pop("trust_remote_code", None):
+            raise ValueError(
+                "trust_remote_code is never used: UniFilter models are built from this package's code"
+            )
+        config = kwargs.pop("config", None)
+        if isinstance(config, UniFilterConfig):
+            directory = checkpoint_dir(pretrained_model_name_or_path)
+        else:
+            config = load_checkpoint_config(pretrained_model_name_or_path, vision_tower=vision_tower)
+            directory = Path(pretrained_model_name_or_path)
+        stored = weight_keys(directory, what=f"checkpoint {directory}")  # broken files fail before any build
+        torch_dtype, dtype = kwargs.pop("torch_dtype", None), kwargs.pop("dtype", None)
+        dtype = resolve_dtype(torch_dtype if torch_dtype is not None else dtype)
+        kwargs.setdefault("attn_implementation", "sdpa")
+        wants_info = kwargs.pop("output_loading_info", False)
+        for option in ("local_files_only", "use_safetensors", "ignore_mismatched_sizes"):
+            kwargs.pop(option, None)
+        model_cls = MODEL_CLASSES[config.model_type]
+        model, info = super(UniFilterForQualityScoring, model_cls).from_pretrained(
+            str(directory),
+            config=config,
+            dtype=dtype,
+            local_files_only=True,
+            use_safetensors=True,
+            ignore_mismatched_sizes=True,  # reported below as one ValueError in released names
+            output_loading_info=True,
+            **kwargs,
         )
+        mismatched = info["mismatched_keys"]
+        missing = set(info["missing_keys"]) - {key for key, *_ in mismatched}
+        if not any(key.startswith(RELEASED_VISION_PREFIX) for key in stored):
+            reference = vision_tower if vision_tower is not None else config.mm_vision_tower
+            load_tower_from_folder(
+                model.model.vision_tower, reference, directory, is_override=vision_tower is not None
+            )
+            missing = {key for key in missing if not key.startswith(VISION_PREFIX)}
+        raise_on_problems(
+            source=str(directory), missing=missing, unexpected=info["unexpected_keys"], mismatched=mismatched
+        )
+        model.eval()
+        return (model, info) if wants_info else model
 
     def save_pretrained(  # type: ignore[override]
         self, save_directory: str | Path, *, include_vision_weights: bool = True, **kwargs: Any
     ) -> None:
-        """Write ``config.json`` and ``model.safetensors`` in the released layout.
+        """Write ``config.json`` (released flat layout + ``vision_config``) and ``model.safetensors`` (released
+        key names), each to a temporary name and renamed into place.
 
         Args:
             save_directory: created if missing.
@@ -336,14 +392,32 @@ class UniFilterForQualityScoring(PreTrainedModel):
             **kwargs: accepted for compatibility with transformers callers (e.g. Trainer); only
                 ``state_dict`` is used.
         """
-        from unifilter_core.modeling.checkpoint import save_model
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = kwargs.get("state_dict")
+        state = self.state_dict() if state is None else state
+        tensors = {
+            to_released_key(key): tensor
+            for key, tensor in state.items()
+            if include_vision_weights or not key.startswith(VISION_PREFIX)
+        }
+        save_safetensors_atomic(tensors, directory / WEIGHTS_NAME)
+        config = self.config.to_dict()
+        config["dtype"] = str(self.get_input_embeddings().weight.dtype).removeprefix("torch.")
+        config.pop("_name_or_path", None)
+        atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=False) + "\n")
 
-        save_model(
-            self,
-            save_directory,
-            include_vision_weights=include_vision_weights,
-            state_dict=kwargs.get("state_dict"),
-        )
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """A ``torch_dtype=`` option as a floating dtype; None and ``"auto"`` mean float32."""
+    if dtype is None or dtype == "auto":
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"torch_dtype={dtype!r} is not a floating dtype (use float32, bfloat16 or float16)")
+    return resolved
 
 
 class UniFilterQwen3ForQualityScoring(UniFilterForQualityScoring):
@@ -357,3 +431,6 @@ MODEL_CLASSES: dict[str, type[UniFilterForQualityScoring]] = {
     UniFilterConfig.model_type: UniFilterForQualityScoring,
     UniFilterQwen3Config.model_type: UniFilterQwen3ForQualityScoring,
 }
+
+for _model_type in MODEL_CLASSES:
+    register_checkpoint_conversion_mapping(_model_type, released_conversions(), overwrite=True)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
+import secrets
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from unifilter_core.fileio import commit_temp
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -28,8 +32,8 @@ def has_safetensors(directory: Path) -> bool:
     return (directory / WEIGHTS_NAME).is_file() or (directory / WEIGHTS_INDEX_NAME).is_file()
 
 
-def load_safetensors_dir(directory: Path, *, what: str) -> dict[str, torch.Tensor]:
-    """Load every tensor of ``model.safetensors`` (or its sharded index) in ``directory`` on CPU.
+def weight_files(directory: Path, *, what: str) -> list[Path]:
+    """The safetensors files of ``directory``: ``model.safetensors``, or the shards its index lists.
 
     Args:
         directory: the folder to read.
@@ -39,13 +43,10 @@ def load_safetensors_dir(directory: Path, *, what: str) -> dict[str, torch.Tenso
         ValueError: when there are no safetensors weights; the message says when only pickle weights exist.
     """
     if (directory / WEIGHTS_NAME).is_file():
-        return load_weights_file(directory / WEIGHTS_NAME)
+        return [directory / WEIGHTS_NAME]
     index = directory / WEIGHTS_INDEX_NAME
     if index.is_file():
-        state: dict[str, torch.Tensor] = {}
-        for shard in _shard_names(index):
-            state.update(load_weights_file(directory / shard))
-        return state
+        return [directory / shard for shard in _shard_names(index)]
     pickles = _pickle_files(directory)
     if pickles:
         raise ValueError(
@@ -55,6 +56,34 @@ def load_safetensors_dir(directory: Path, *, what: str) -> dict[str, torch.Tenso
     raise ValueError(f"{what} has no {WEIGHTS_NAME}")
 
 
+def load_safetensors_dir(directory: Path, *, what: str) -> dict[str, torch.Tensor]:
+    """Load every tensor of ``model.safetensors`` (or its sharded index) in ``directory`` on CPU.
+
+    Raises:
+        ValueError: as :func:`weight_files` and :func:`load_weights_file`.
+    """
+    state: dict[str, torch.Tensor] = {}
+    for path in weight_files(directory, what=what):
+        state.update(load_weights_file(path))
+    return state
+
+
+def weight_keys(directory: Path, *, what: str) -> set[str]:
+    """The tensor names stored in ``directory``'s safetensors files, read from their headers only.
+
+    ``safe_open`` checks each header and that the data it describes fits the file, so a broken file is one
+    ``ValueError`` before any model is built.
+
+    Raises:
+        ValueError: as :func:`weight_files` and :func:`load_weights_file`.
+    """
+    keys: set[str] = set()
+    for path in weight_files(directory, what=what):
+        with _readable(path), safe_open(path, framework="pt", device="cpu") as handle:
+            keys.update(handle.keys())
+    return keys
+
+
 def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of one safetensors file, on CPU.
 
@@ -62,8 +91,15 @@ def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
         ValueError: the file is missing, empty, truncated or not safetensors; the message names it and says to
             re-download or re-save it.
     """
-    try:
+    with _readable(path):
         return load_file(path, device="cpu")
+
+
+@contextlib.contextmanager
+def _readable(path: Path) -> Iterator[None]:
+    """Turn safetensors / OS errors reading ``path`` into one ``ValueError`` naming the file and the repair."""
+    try:
+        yield
     except (SafetensorError, OSError) as exc:
         size = path.stat().st_size if path.is_file() else None
         what = "missing" if size is None else "empty" if size == 0 else f"{size} bytes, truncated or corrupt"
@@ -86,8 +122,12 @@ def _shard_names(index: Path) -> list[str]:
 
 
 def save_safetensors_atomic(state: dict[str, torch.Tensor], path: Path) -> None:
-    """Write ``state`` to ``path`` via a temporary file in the same folder and an atomic rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Write ``state`` to ``path`` via a temporary file in the same folder, fsync and an atomic rename."""
     contiguous = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    save_file(contiguous, tmp, metadata={"format": "pt"})
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        save_file(contiguous, tmp, metadata={"format": "pt"})
+        commit_temp(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from transformers import SiglipVisionConfig
 
+from unifilter_core.modeling.layout import RELEASED_VISION_PREFIX, load_state_strict
 from unifilter_core.modeling.presets import KNOWN_VISION_TOWERS, load_preset
 from unifilter_core.modeling.safetensors_io import load_safetensors_dir
 
@@ -290,3 +291,37 @@ def vision_weights_from_dir(directory: Path) -> dict[str, torch.Tensor]:
         name = key[len("vision_model.") :] if key.startswith("vision_model.") else key
         out[name] = tensor
     return out
+
+
+def tower_weights_folder(reference: str | None, checkpoint_dir: Path, *, is_override: bool) -> Path:
+    """The local SigLIP folder to take tower weights from, for a checkpoint whose weights hold no tower (the
+    released loader re-downloads it by name; we never do).
+
+    Args:
+        reference: ``mm_vision_tower`` or the user's ``vision_tower=`` override.
+        checkpoint_dir: the checkpoint folder (relative references resolve against it).
+        is_override: True for a user override (then a relative path may also be relative to the cwd).
+
+    Raises:
+        ValueError: ``reference`` names no local folder; the message names the ``vision_tower=`` option.
+    """
+    local = find_local_tower_dir(reference, checkpoint_dir, allow_cwd=is_override) if reference else None
+    if local is None:
+        raise ValueError(
+            f"the checkpoint {checkpoint_dir} holds no vision tower weights ({RELEASED_VISION_PREFIX}*) and "
+            f"mm_vision_tower={reference!r} is not a local directory; {VISION_OVERRIDE_HINT}"
+        )
+    logger.info("loading vision tower weights from %s", local)
+    return local
+
+
+def load_tower_from_folder(
+    tower: torch.nn.Module, reference: str | None, checkpoint_dir: Path, *, is_override: bool
+) -> None:
+    """Fill a model's ``SiglipVisionModel`` strictly from :func:`tower_weights_folder`'s weights.
+
+    Raises:
+        ValueError: no local folder, or its weights do not match the tower.
+    """
+    local = tower_weights_folder(reference, checkpoint_dir, is_override=is_override)
+    load_state_strict(tower, vision_weights_from_dir(local), source=f"vision tower directory {local}")
