@@ -15,7 +15,7 @@ import unifilter_core.scorer as scorer_module
 import unifilter_core.scoring as scoring
 from tests.test_scoring_engine import caption_members, write_tar
 from unifilter_core.cli import main
-from unifilter_core.pipeline import SourceSpec, score_partition
+from unifilter_core.partition_steps import TarSource, score_partition
 from unifilter_core.scoring import output
 from unifilter_core.scoring.source_marker import SourceMismatchError, write_source_marker
 
@@ -80,7 +80,7 @@ def test_two_inputs_of_one_name_never_share_a_score_folder(
 def test_score_partition_refuses_a_moved_source_path(tmp_path: Path) -> None:
     old, new = _shards(tmp_path / "old", [0]), _shards(tmp_path / "new", [0])
     write_source_marker(tmp_path / "scores" / "src", "src", old)
-    spec = SourceSpec("src", "caption", str(new))
+    spec = TarSource("src", "caption", str(new))
     with pytest.raises(SourceMismatchError, match="holds tables of input"):
         score_partition(tmp_path, spec, new / "00000000.tar", "src_0000", scorer=None)
     assert not list((tmp_path / "scores" / "src").glob("*.parquet"))

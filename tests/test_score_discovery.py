@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from unifilter_core.partition_steps import TarSource, discover_tar_records, resolve_partition
 from unifilter_core.paths import parse_partition_key, partition_key, shard_id
-from unifilter_core.pipeline import SourceSpec, discover_tar_records, resolve_partition
 from unifilter_core.scoring import discover_tars, select_block
 from unifilter_core.scoring.discovery import candidate_names, compact_ranges
 
@@ -38,7 +38,7 @@ def test_mmc4_shard_names_are_accepted(tmp_path: Path) -> None:
     _touch(tmp_path, "shard_3.tar", "shard_10.tar")
     assert [p.name for p in discover_tars(tmp_path)] == ["shard_3.tar", "shard_10.tar"]
     assert partition_key("mmc4", tmp_path / "shard_3.tar") == "mmc4_0003"
-    records = discover_tar_records(tmp_path, [SourceSpec("mmc4", "interleaved", str(tmp_path))])
+    records = discover_tar_records(tmp_path, [TarSource("mmc4", "interleaved", str(tmp_path))])
     assert [r.partition_key for r in records] == ["mmc4_0003", "mmc4_0010"]
 
 
@@ -58,7 +58,7 @@ def test_symlinked_shard_keeps_the_link_name(tmp_path: Path) -> None:
     assert [p.name for p in tars] == ["00000000.tar", "00000007.tar"]
     assert tars[1].parent == (tmp_path / "real").resolve()
     assert discover_tars(tmp_path / "real" / "00000007.tar")[0].name == "00000007.tar"
-    records = discover_tar_records(tmp_path, [SourceSpec("src", "caption", str(tmp_path / "real"))])
+    records = discover_tar_records(tmp_path, [TarSource("src", "caption", str(tmp_path / "real"))])
     assert [r.partition_key for r in records] == ["src_0000", "src_0007"]
 
 
@@ -67,8 +67,8 @@ def test_two_files_of_one_id_are_refused_naming_both(tmp_path: Path, names: tupl
     _touch(tmp_path, *names)
     for call in (
         lambda: discover_tars(tmp_path),
-        lambda: discover_tar_records(tmp_path, [SourceSpec("s", "caption", str(tmp_path))]),
-        lambda: resolve_partition(tmp_path, [SourceSpec("s", "caption", str(tmp_path))], "s_0042"),
+        lambda: discover_tar_records(tmp_path, [TarSource("s", "caption", str(tmp_path))]),
+        lambda: resolve_partition(tmp_path, [TarSource("s", "caption", str(tmp_path))], "s_0042"),
     ):
         with pytest.raises(ValueError, match="both tar id 42") as info:
             call()
@@ -94,7 +94,7 @@ def test_compact_ranges() -> None:
 def test_resolve_partition_probes_names_before_listing(tmp_path: Path, monkeypatch) -> None:
     folder = tmp_path / "sources" / "obelics"
     _touch(folder, "00000042.tar", "7.tar", "shard_9.tar", "0000000000000011.tar")
-    specs = [SourceSpec("obelics", "interleaved")]
+    specs = [TarSource("obelics", "interleaved")]
     real_iterdir = pathlib.Path.iterdir
     listed: list[Path] = []
 
@@ -122,5 +122,5 @@ def test_resolve_partition_keeps_a_symlinked_shard(tmp_path: Path) -> None:
     folder = tmp_path / "sources" / "obelics"
     _touch(folder, "00000000.tar")
     os.symlink(folder / "00000000.tar", folder / "00000003.tar")
-    _, tar = resolve_partition(tmp_path, [SourceSpec("obelics", "interleaved")], "obelics_0003")
+    _, tar = resolve_partition(tmp_path, [TarSource("obelics", "interleaved")], "obelics_0003")
     assert tar == folder.resolve() / "00000003.tar"

@@ -26,8 +26,8 @@ from unifilter_core.scoring import (
     check_output_writable,
     engine,
     output,
-    pipeline,
     read_manifest,
+    samples,
     score_tar,
     score_tars,
     table,
@@ -70,7 +70,7 @@ def test_exception_while_preparing_is_that_samples_internal_error_row(
     assert [r["status"] for r in rows] == ["ok", "ok", "error", "ok", "ok", "ok"]
     assert rows[2]["reason"] == Reason.INTERNAL_ERROR.value and rows[2]["score"] is None
     assert (
-        rows[2]["detail"].startswith(f"{exc_name}: ") and len(rows[2]["detail"]) <= pipeline.MAX_ERROR_DETAIL
+        rows[2]["detail"].startswith(f"{exc_name}: ") and len(rows[2]["detail"]) <= samples.MAX_ERROR_DETAIL
     )
     assert rows[2]["uid"] == "uid000000002"  # ids read before the failure are kept
     assert summary.by_reason == {"internal_error": 1}
@@ -79,13 +79,13 @@ def test_exception_while_preparing_is_that_samples_internal_error_row(
 def test_prepare_item_carries_flags_of_raw_decoded_and_failure() -> None:
     failure = SampleFailure(Reason.JSON_DECODE_ERROR, "bad json", flags=[str(Flag.FIELD_ESCAPED)])
     raw = SimpleNamespace(key="k1", failure=failure, flags=[str(Flag.KEY_ESCAPED)])
-    item = pipeline.prepare_item(0, raw, SampleKind.CAPTION, processor=None, limits=None)
+    item = samples.prepare_item(0, raw, SampleKind.CAPTION, processor=None, limits=None)
     assert sorted(item.flags) == ["field_escaped", "key_escaped"]
     assert item.failure is not None and item.failure.reason == "json_decode_error"
     plain = SimpleNamespace(
         key="k2", failure=SampleFailure(Reason.MISSING_TEXT)
     )  # no `flags` attribute at all
-    assert pipeline.prepare_item(1, plain, SampleKind.CAPTION, None, None).flags == []
+    assert samples.prepare_item(1, plain, SampleKind.CAPTION, None, None).flags == []
 
 
 # ------------------------------------------------------------------------------------- 2. columns and escaping
@@ -120,14 +120,14 @@ def test_surrogate_in_sample_json_is_a_flagged_row(tmp_path: Path, scorer: Any) 
 
 # ------------------------------------------------------------------------------------- 4. a failing tar in a block
 def _failing_reader(monkeypatch: pytest.MonkeyPatch, bad_name: str, exc: BaseException) -> None:
-    real = pipeline.iter_raw_samples
+    real = samples.iter_raw_samples
 
     def reader(path: Any, **kw: Any) -> Any:
         if Path(path).name == bad_name:
             raise exc
         return real(path, **kw)
 
-    monkeypatch.setattr(pipeline, "iter_raw_samples", reader)
+    monkeypatch.setattr(samples, "iter_raw_samples", reader)
 
 
 def test_a_tar_that_fails_never_stops_the_block(

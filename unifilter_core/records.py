@@ -12,6 +12,22 @@ from enum import Enum
 from typing import Any
 
 
+class SampleKind(str, Enum):
+    """The tar layout: DataComp-style image-caption pairs or OBELICS-style interleaved documents.
+
+    The one sample-kind type of the project (a ``str``: ``SampleKind.CAPTION == "caption"``)."""
+
+    CAPTION = "caption"
+    INTERLEAVED = "interleaved"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: the kinds' names, in order
+SAMPLE_KINDS: tuple[str, ...] = tuple(k.value for k in SampleKind)
+
+
 class Status(str, Enum):
     OK = "ok"
     SKIPPED = "skipped"

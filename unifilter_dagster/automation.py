@@ -7,7 +7,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 from dagster_shared.check import CheckError
 
-from unifilter_core.pipeline import discover_tar_records
+from unifilter_core.partition_steps import discover_tar_records
 from unifilter_dagster.assets.tars import filtered_dataset, scores
 from unifilter_dagster.assets.training import stage1_projector, stage2_classifier
 from unifilter_dagster.partitions import TRAINING_TAG, scoring_run_tags, tars_partitions

@@ -77,7 +77,7 @@ def run_demo(
         Figures: accuracy, spearman, kept_precision, kept_recall, thresholds, seconds per step.
     """
     from unifilter_core.evaluation import filtering_quality
-    from unifilter_core.pipeline import read_thresholds
+    from unifilter_core.partition_steps import read_thresholds
     from unifilter_dagster.resources import default_resources
 
     root = root.resolve()

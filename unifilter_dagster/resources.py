@@ -15,7 +15,7 @@ from dagster_duckdb import DuckDBResource
 from pydantic import Field, PrivateAttr
 
 from unifilter_core import paths
-from unifilter_core.pipeline import DEFAULT_SOURCES, SourceSpec
+from unifilter_core.partition_steps import DEFAULT_SOURCES, TarSource
 
 ACTIVE_CLASSIFIER_FILE = "active_classifier.json"
 
@@ -73,8 +73,8 @@ class UniFilterHome(dg.ConfigurableResource):
     def root_path(self) -> Path:
         return Path(self.root).expanduser().resolve()
 
-    def source_specs(self) -> list[SourceSpec]:
-        return [SourceSpec(s.name, s.kind, s.path) for s in self.sources]
+    def source_specs(self) -> list[TarSource]:
+        return [TarSource(s.name, s.kind, s.path) for s in self.sources]
 
     def catalog(self, duckdb: DuckDBResource) -> Any:
         from unifilter_core.catalog import Catalog

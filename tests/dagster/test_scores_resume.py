@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.reliability.conftest import make_resources, materialize
+from tests.reliability.conftest import failure_message, make_resources, materialize
 from tests.tarfixtures import write_caption_tar
 
 
@@ -118,3 +118,33 @@ def test_request_key_follows_every_input(tmp_path: Path, tiny_checkpoint: Path) 
     weights = ckpt / "model.safetensors"
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))
     assert key() != base  # a checkpoint file changed (by its mtime)
+
+
+def test_missing_inputs_are_typed_in_core_and_worded_by_the_assets(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """Core names what is missing (``MissingInput.needs``) and no asset; the asset says what to materialize."""
+    import dagster as dg
+
+    from unifilter_core.partition_steps import MissingInput, TarSource, filter_partition, read_thresholds
+    from unifilter_dagster.assets.tars import filtered_dataset, quality_threshold, tar_manifest
+
+    root = tmp_path / "root"
+    tar = write_caption_tar(root / "sources/cap/00000000.tar", n=2)
+    with pytest.raises(MissingInput) as info:
+        read_thresholds(root)
+    assert info.value.needs == "thresholds" and "materialize" not in str(info.value)
+    (root / "thresholds.json").write_text('{"cap": {"threshold": 0.5}}')
+    with pytest.raises(MissingInput) as info:
+        filter_partition(root, TarSource("cap", "caption"), tar, "cap_0000")
+    assert info.value.needs == "scores" and "materialize" not in str(info.value)
+    (root / "thresholds.json").unlink()
+
+    resources = make_resources(root, tiny_checkpoint, [("cap", "caption")])
+    with dg.DagsterInstance.ephemeral() as instance:
+        assert materialize([tar_manifest], resources, instance).success
+        result = materialize([quality_threshold], resources, instance)
+        assert not result.success
+        assert "no scored samples yet: materialize `scores`" in failure_message(result)
+        result = materialize([filtered_dataset], resources, instance, "cap_0000")
+        assert not result.success and "materialize `quality_threshold` first" in failure_message(result)

@@ -142,7 +142,7 @@ def test_concatenated_tar_gets_every_row_and_the_check_fails_on_missing_rows(
     """``cat a.tar b.tar``: every sample of both parts gets a row; a reader that loses rows fails the check."""
     import dagster as dg
 
-    import unifilter_core.scoring.pipeline as engine_pipeline
+    import unifilter_core.scoring.samples as engine_samples
     from unifilter_dagster.assets.tars import scores, tar_manifest
 
     root = tmp_path / "root"
@@ -160,14 +160,14 @@ def test_concatenated_tar_gets_every_row_and_the_check_fails_on_missing_rows(
         keys = pq.read_table(root / "scores/cat/00000005.parquet").column("key").to_pylist()
         assert keys == ["p0a", "p0b", "p1a", "p1b", "p2a", "p2b"]
 
-        real = engine_pipeline.iter_raw_samples
+        real = engine_samples.iter_raw_samples
 
         def first_part_only(*args: Any, **kwargs: Any):  # the old reader: stops at the first end-of-archive
             for raw in real(*args, **kwargs):
                 if raw.key.startswith("p0"):
                     yield raw
 
-        monkeypatch.setattr(engine_pipeline, "iter_raw_samples", first_part_only)
+        monkeypatch.setattr(engine_samples, "iter_raw_samples", first_part_only)
         for old in (root / "scores/cat").glob("00000005.*"):
             old.unlink()  # rescored from scratch by the lossy reader
         result = materialize([scores], resources, instance, "cat_0005")

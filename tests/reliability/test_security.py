@@ -107,7 +107,7 @@ def test_filtered_writer_never_writes_outside_its_folder(tmp_path: Path) -> None
 
 def test_filtered_dataset_asset_step_confined_with_everything_kept(tmp_path: Path) -> None:
     """The pipeline step of ``filtered_dataset`` with a score table that keeps every key, hostile ones too."""
-    from unifilter_core.pipeline import SourceSpec, filter_partition
+    from unifilter_core.partition_steps import TarSource, filter_partition
 
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -126,7 +126,7 @@ def test_filtered_dataset_asset_step_confined_with_everything_kept(tmp_path: Pat
     )
     (root / "thresholds.json").write_text(json.dumps({"s": {"threshold": 0.0}}))
     before = files_under(tmp_path)
-    result = filter_partition(root, SourceSpec("s", "caption"), tar, "s_0001")
+    result = filter_partition(root, TarSource("s", "caption"), tar, "s_0001")
     new = set(files_under(tmp_path)) - set(before)
     assert new == {"root/filtered/s/00000001.tar", "root/filtered/s/00000001.manifest.json"}
     assert result["unsafe"] >= 4

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from typing import Literal
 
 from unifilter_core.data.caption import CAPTION_FIELD_TYPES, CaptionSample, decode_caption
 from unifilter_core.data.fingerprint import TarStat, tar_fingerprint, tar_stat
@@ -26,9 +25,7 @@ from unifilter_core.data.writer import (
     write_filtered_tar,
     write_manifest_json,
 )
-from unifilter_core.records import SampleFailure
-
-SampleKind = Literal["caption", "interleaved"]
+from unifilter_core.records import SampleFailure, SampleKind
 
 
 def decode_sample(

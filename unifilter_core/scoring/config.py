@@ -7,18 +7,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from unifilter_core.records import SampleKind
+
 # Bump when a change in the engine changes what lands in a score table: every table is then rescored.
 SCORE_TABLE_VERSION = 1
-
-
-class SampleKind(str, Enum):
-    """The tar layout: DataComp-style image-caption pairs or OBELICS-style interleaved documents."""
-
-    CAPTION = "caption"
-    INTERLEAVED = "interleaved"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 class OutputFormat(str, Enum):

@@ -50,8 +50,8 @@ from unifilter_core.scoring.config import (
 )
 from unifilter_core.scoring.output import OutputError, output_errors
 from unifilter_core.scoring.outputs import listing_record, open_writer, output_paths
-from unifilter_core.scoring.pipeline import SampleItem, iter_items, short_error
 from unifilter_core.scoring.pool import DecodePool
+from unifilter_core.scoring.samples import SampleItem, iter_items, short_error
 from unifilter_core.scoring.table import (
     MANIFEST_FORMAT_VERSION,
     Counts,

@@ -33,7 +33,7 @@ import torch
 from unifilter_core.data import iter_raw_samples
 from unifilter_core.records import Reason, ScoreResult
 from unifilter_core.scoring.config import SampleKind, ScoringConfig
-from unifilter_core.scoring.pipeline import (
+from unifilter_core.scoring.samples import (
     SampleItem,
     from_wire,
     iter_items,

@@ -19,6 +19,7 @@ from typing import Any
 from unifilter_core.data.writer import atomic_write_bytes
 from unifilter_core.paths import models_dir, pretrain_dir, synthetic_dir
 from unifilter_core.processing import IMAGE_TOKEN
+from unifilter_core.records import SAMPLE_KINDS
 from unifilter_core.training.common import write_json_atomic
 from unifilter_core.training.config import Stage1Config, Stage2Config, load_config
 from unifilter_core.training.data import _image_folder, read_records
@@ -27,7 +28,7 @@ from unifilter_core.training.vision import VisionPretrainConfig
 logger = logging.getLogger(__name__)
 
 PRETRAIN_JSON = "blip_laion_cc_sbu_558k.json"
-KINDS = ("caption", "interleaved")
+KINDS = SAMPLE_KINDS
 
 
 def world_texts(root: Path) -> Iterator[str]:

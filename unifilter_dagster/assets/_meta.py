@@ -12,6 +12,21 @@ import dagster as dg
 
 CODE_VERSION = "1"
 
+# what a user materializes to make a missing input (``MissingInput.needs``)
+_MAKES = {"scores": "materialize `scores` for the partition(s) first",
+          "thresholds": "materialize `quality_threshold` first"}  # fmt: skip
+
+
+@contextmanager
+def asset_advice() -> Iterator[None]:
+    """Words a core step's :class:`~unifilter_core.partition_steps.MissingInput` with the asset that makes it."""
+    from unifilter_core.partition_steps import MissingInput
+
+    try:
+        yield
+    except MissingInput as exc:
+        raise MissingInput(f"{exc}: {_MAKES.get(exc.needs, 'materialize ' + exc.needs)}", exc.needs) from None
+
 
 @contextmanager
 def timed() -> Iterator[dict[str, Any]]:

@@ -8,7 +8,7 @@ from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
 from unifilter_core import paths
-from unifilter_core.pipeline import (
+from unifilter_core.partition_steps import (
     choose_thresholds,
     discover_tar_records,
     filter_partition,
@@ -18,7 +18,15 @@ from unifilter_core.pipeline import (
     score_partition,
     score_quantiles_by_source,
 )
-from unifilter_dagster.assets._meta import CODE_VERSION, image_md, md_table, record, scalar_metadata, timed
+from unifilter_dagster.assets._meta import (
+    CODE_VERSION,
+    asset_advice,
+    image_md,
+    md_table,
+    record,
+    scalar_metadata,
+    timed,
+)
 from unifilter_dagster.assets.training import stage2_classifier
 from unifilter_dagster.partitions import GPU_TAG, TARS_PARTITIONS_NAME, tars_partitions
 from unifilter_dagster.resources import ScoringModelResource, UniFilterHome
@@ -211,7 +219,7 @@ def quality_threshold(
     """One threshold per source from every score table (DuckDB), recorded in the catalog."""
     keep = None if config.absolute is not None else config.keep_fraction
     catalog = home.catalog(duckdb)
-    with timed() as timing:
+    with timed() as timing, asset_advice():
         rows = choose_thresholds(home.root_path, catalog, keep_fraction=keep, absolute=config.absolute)
     record(catalog, context, timing, rows=sum(r.kept for r in rows))
     table = [
@@ -250,7 +258,7 @@ def filtered_dataset(
     """The kept samples of one tar as a webdataset tar (original members and keys) plus a manifest."""
     root = home.root_path
     spec, tar = resolve_partition(root, home.source_specs(), context.partition_key)
-    with timed() as timing:
+    with timed() as timing, asset_advice():
         result = filter_partition(root, spec, tar, context.partition_key)
     record(home.catalog(duckdb), context, timing, rows=result["kept"])
     return dg.MaterializeResult(

@@ -1,7 +1,9 @@
-"""Per-partition pipeline steps shared by the Dagster assets and the CLI.
+"""The platform's steps on one partition (one tar) or on the whole catalog: discovery, scoring, resume,
+thresholds, filtering; the Dagster assets are thin wrappers around them.
 
-Each function does one step of the platform on one tar (or the whole catalog) and returns a plain dict of
-figures the caller reports (Dagster metadata, CLI output). Nothing here imports dagster.
+Each function returns a plain dict of figures the caller reports (Dagster metadata, logs). Nothing here imports
+dagster. A step whose input does not exist yet raises :class:`MissingInput` naming what is missing; the caller
+says how to make it. The ``unifilter`` CLI uses the same engine and catalog functions directly.
 """
 
 from __future__ import annotations
@@ -12,22 +14,31 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from unifilter_core import paths
 from unifilter_core.catalog import Catalog, TarRecord, ThresholdRow
+from unifilter_core.records import SAMPLE_KINDS, SampleKind
 
 logger = logging.getLogger(__name__)
 
-SourceKind = Literal["caption", "interleaved"]
 _SOURCE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 THRESHOLDS_FILE = "thresholds.json"
 
 
+class MissingInput(ValueError):
+    """A step's input does not exist yet. ``needs`` names what makes it: ``scores`` (score tables) or
+    ``thresholds`` (chosen thresholds); the Dagster assets and the CLI word the advice."""
+
+    def __init__(self, message: str, needs: str) -> None:
+        super().__init__(message)
+        self.needs = needs
+
+
 @dataclass(frozen=True)
-class SourceSpec:
+class TarSource:
     """One input source: a folder of ``<NNNNNNNN>.tar`` shards of one kind.
 
     Attributes:
@@ -37,7 +48,7 @@ class SourceSpec:
     """
 
     name: str
-    kind: SourceKind
+    kind: SampleKind
     path: str | None = None
 
     def __post_init__(self) -> None:
@@ -45,26 +56,26 @@ class SourceSpec:
             raise ValueError(
                 f"source name {self.name!r} must start with a lowercase letter and hold only a-z, 0-9, '_' or '-'"
             )
-        if self.kind not in ("caption", "interleaved"):
+        if self.kind not in SAMPLE_KINDS:
             raise ValueError(
-                f"source {self.name!r}: kind must be 'caption' or 'interleaved', got {self.kind!r}"
+                f"source {self.name!r}: kind must be one of {', '.join(map(repr, SAMPLE_KINDS))}, got {self.kind!r}"
             )
 
     def directory(self, root: Path) -> Path:
         return Path(self.path).expanduser().resolve() if self.path else paths.sources_dir(root) / self.name
 
 
-DEFAULT_SOURCES: tuple[SourceSpec, ...] = (
-    SourceSpec("datacomp", "caption"),
-    SourceSpec("obelics", "interleaved"),
+DEFAULT_SOURCES: tuple[TarSource, ...] = (
+    TarSource("datacomp", "caption"),
+    TarSource("obelics", "interleaved"),
 )
 
 
-def check_sources(sources: Sequence[SourceSpec]) -> dict[str, SourceSpec]:
+def check_sources(sources: Sequence[TarSource]) -> dict[str, TarSource]:
     """Sources by name; raises ValueError on an empty list or a duplicate name."""
     if not sources:
         raise ValueError("no sources configured: give at least one (name, kind, path)")
-    by_name: dict[str, SourceSpec] = {}
+    by_name: dict[str, TarSource] = {}
     for spec in sources:
         if spec.name in by_name:
             raise ValueError(f"source {spec.name!r} is configured twice")
@@ -72,7 +83,7 @@ def check_sources(sources: Sequence[SourceSpec]) -> dict[str, SourceSpec]:
     return by_name
 
 
-def discover_tar_records(root: Path, sources: Sequence[SourceSpec]) -> list[TarRecord]:
+def discover_tar_records(root: Path, sources: Sequence[TarSource]) -> list[TarRecord]:
     """Every ``<NNNNNNNN>.tar`` under the sources, as catalog records (sorted by partition key).
 
     A missing default folder (``<root>/sources/<name>``) contributes nothing (logged); a folder given explicitly
@@ -101,9 +112,7 @@ def discover_tar_records(root: Path, sources: Sequence[SourceSpec]) -> list[TarR
     return [records[k] for k in sorted(records)]
 
 
-def resolve_partition(
-    root: Path, sources: Sequence[SourceSpec], partition_key: str
-) -> tuple[SourceSpec, Path]:
+def resolve_partition(root: Path, sources: Sequence[TarSource], partition_key: str) -> tuple[TarSource, Path]:
     """The source and tar of a partition key, found on disk (raises ValueError with what to do if absent).
 
     The tar's likely names are probed first (``00000042.tar``, ``42.tar``, ``shard_42.tar``, ...); the
@@ -135,7 +144,7 @@ def filtered_tar_path(root: Path, source: str, tar: Path) -> Path:
 
 def score_partition(
     root: Path,
-    spec: SourceSpec,
+    spec: TarSource,
     tar: Path,
     partition_key: str,
     scorer: Any,
@@ -186,7 +195,7 @@ def score_partition(
     return result
 
 
-def partition_is_resumable(root: Path, spec: SourceSpec, tar: Path, request_key: str) -> bool:
+def partition_is_resumable(root: Path, spec: TarSource, tar: Path, request_key: str) -> bool:
     """Whether the tar's table records ``request_key`` (see :func:`resume_partition`); reads only the manifest."""
     from unifilter_core.scoring.resume import resumable_manifest
 
@@ -195,7 +204,7 @@ def partition_is_resumable(root: Path, spec: SourceSpec, tar: Path, request_key:
 
 def resume_partition(
     root: Path,
-    spec: SourceSpec,
+    spec: TarSource,
     tar: Path,
     partition_key: str,
     request_key: str,
@@ -236,13 +245,14 @@ def choose_thresholds(
     """Compute (and record in the catalog) one threshold per source; write ``<root>/thresholds.json``.
 
     Raises:
-        ValueError: invalid keep fraction / absolute score, or no scored rows at all.
+        ValueError: invalid keep fraction / absolute score.
+        MissingInput: no scored rows at all.
     """
     rows = catalog.compute_threshold(
         keep_fraction=keep_fraction, absolute=absolute, record=True, model_fingerprint=model_fingerprint
     )
     if not rows:
-        raise ValueError("no scored samples yet: materialize `scores` for at least one partition first")
+        raise MissingInput("no scored samples yet", needs="scores")
     doc = {r.source: r.to_dict() for r in rows}
     from unifilter_core.data import write_manifest_json
 
@@ -267,10 +277,10 @@ def score_quantiles_by_source(catalog: Catalog, points: int = 201) -> dict[str, 
 
 
 def read_thresholds(root: Path) -> dict[str, dict[str, Any]]:
-    """The thresholds chosen last (``<root>/thresholds.json``); raises ValueError when none were chosen."""
+    """The thresholds chosen last (``<root>/thresholds.json``); raises :class:`MissingInput` when none were."""
     path = root / THRESHOLDS_FILE
     if not path.is_file():
-        raise ValueError(f"no thresholds chosen yet ({path} missing): materialize `quality_threshold` first")
+        raise MissingInput(f"no thresholds chosen yet ({path} missing)", needs="thresholds")
     return json.loads(path.read_text())
 
 
@@ -311,26 +321,24 @@ def write_npy_atomic(path: Path, array: np.ndarray) -> None:
         np.save(fh, array, allow_pickle=False)
 
 
-def filter_partition(root: Path, spec: SourceSpec, tar: Path, partition_key: str) -> dict[str, Any]:
+def filter_partition(root: Path, spec: TarSource, tar: Path, partition_key: str) -> dict[str, Any]:
     """Write the kept samples of one tar (score >= its source's chosen threshold) as a webdataset tar.
 
     Also writes ``<stem>.manifest.json`` and, for caption sources whose samples carry DataComp uids,
     ``<stem>.uids.npy`` in the DataComp resharder's subset format.
 
     Raises:
-        ValueError: no threshold chosen for the source, or no score table for the tar.
+        MissingInput: no threshold chosen for the source, or no score table for the tar.
     """
     from unifilter_core.data import write_filtered_tar, write_manifest_json
 
     thresholds = read_thresholds(root)
     if spec.name not in thresholds:
-        raise ValueError(f"no threshold chosen for source {spec.name!r}: rematerialize `quality_threshold`")
+        raise MissingInput(f"no threshold chosen for source {spec.name!r}", needs="thresholds")
     threshold = float(thresholds[spec.name]["threshold"])
     table = score_table_path(root, spec.name, tar)
     if not table.is_file():
-        raise ValueError(
-            f"partition {partition_key!r} has no score table {table}: materialize `scores` first"
-        )
+        raise MissingInput(f"partition {partition_key!r} has no score table {table}", needs="scores")
     keep, uids = kept_keys(table, threshold)
     out = filtered_tar_path(root, spec.name, tar)
     summary = write_filtered_tar(tar, keep, out)
