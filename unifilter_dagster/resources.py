@@ -103,18 +103,18 @@ class ClaudeResource(dg.ConfigurableResource):
     )
     source_path: str | None = None
     limit: int | None = Field(default=None, description="at most this many requests per kind")
+    max_retries: int | None = Field(
+        default=None, description="SDK retries of a transient API error (default: ClaudeConfig's)"
+    )
 
     def claude_config(self) -> Any:
+        """The core :class:`~unifilter_core.synth.claude.ClaudeConfig`: every field of it this resource sets."""
+        import dataclasses
+
         from unifilter_core.synth.claude import ClaudeConfig
 
-        return ClaudeConfig(
-            model=self.model,
-            max_tokens=self.max_tokens,
-            concurrency=self.concurrency,
-            budget_usd=self.budget_usd,
-            mode=self.mode,
-            base_url=self.base_url,
-        )
+        given = {f.name: getattr(self, f.name, None) for f in dataclasses.fields(ClaudeConfig)}
+        return ClaudeConfig(**{name: value for name, value in given.items() if value is not None})
 
 
 class ScoringModelResource(dg.ConfigurableResource):

@@ -89,3 +89,14 @@ def test_dagster_yaml_loads_as_instance_config(tmp_path: Path, monkeypatch: pyte
 
         assert TRAINING_TAG == "unifilter/training" and train_classifier_job.tags == {TRAINING_TAG: "true"}
         assert instance.telemetry_enabled is False
+
+
+def test_claude_resource_builds_the_core_config() -> None:
+    from unifilter_core.synth.claude import ClaudeConfig
+    from unifilter_dagster.resources import ClaudeResource
+
+    default = ClaudeResource().claude_config()
+    assert default.max_retries == ClaudeConfig().max_retries and default.model == ClaudeConfig().model
+    model = "claude-haiku-4-5"
+    config = ClaudeResource(max_retries=2, model=model, budget_usd=1.5, mode="batches").claude_config()
+    assert (config.max_retries, config.model, config.budget_usd, config.mode) == (2, model, 1.5, "batches")
