@@ -456,3 +456,22 @@ def test_hostile_tars_give_one_row_per_reader_record(
         elif row["status"] == "ok":
             assert row["score"] is not None and np.isfinite(row["score"]), key
     assert summary.rows == len(expected) and summary.by_status.get("ok", 0) >= 1
+
+
+@pytest.mark.parametrize(("env", "drawn"), [("1", True), ("0", False)])
+def test_engine_bar_follows_unifilter_progress(
+    tmp_path: Path,
+    scorer: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: str,
+    drawn: bool,
+) -> None:
+    """The engine's bar is the project's progress bar: $UNIFILTER_PROGRESS forces it on or off."""
+    monkeypatch.setenv("UNIFILTER_PROGRESS", env)
+    tar = write_tar(tmp_path / "00000000.tar", caption_members(3))
+    score_tar(
+        tar, scorer, tmp_path / "00000000.parquet", kind="caption", source="s", config=CFG0, progress=True
+    )
+    err = capsys.readouterr().err
+    assert ("00000000.tar" in err and "sample" in err) is drawn, err

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,12 +33,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 import unifilter_core
 from unifilter_core.data import tar_fingerprint
 from unifilter_core.data.text import escape_unencodable
 from unifilter_core.paths import partition_key as make_partition_key
+from unifilter_core.progress import progress as _progress
+from unifilter_core.progress import progress_enabled
 from unifilter_core.scoring.batching import BatchRunner
 from unifilter_core.scoring.config import (
     OutputFormat,
@@ -173,10 +173,6 @@ def _model_threads(scorer: Any, config: ScoringConfig) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _progress_bar(desc: str, enabled: bool) -> Any:
-    return tqdm(desc=desc, unit="sample", disable=not (enabled and sys.stderr.isatty()), leave=False)
-
-
 def _build_manifest(job: _Job, meta: dict[str, Any]) -> dict[str, Any]:
     return {
         "format_version": MANIFEST_FORMAT_VERSION,
@@ -242,7 +238,7 @@ def score_tar(
         source: the source name (``source`` column, partition key prefix).
         partition_key: the partition key; derived from ``source`` and the tar name when None.
         config: engine options (defaults when None).
-        progress: show a tqdm bar (only when stderr is a terminal).
+        progress: show a bar (:mod:`unifilter_core.progress`: when stderr is a terminal or $UNIFILTER_PROGRESS=1).
         force: rescore even when an up-to-date table exists.
         pool: decode workers to reuse across tars (:func:`score_tars` passes one); None = a private pool when
             ``config.num_workers`` > 0, in-process decoding otherwise.
@@ -364,7 +360,7 @@ def _score(
             metadata=metadata,
             row_group_size=config.row_group_size,
         ) as writer,
-        _progress_bar(job.tar.name, progress) as bar,
+        _progress(desc=job.tar.name, unit="sample", disable=not (progress and progress_enabled())) as bar,
         _model_threads(scorer, config),
     ):
         try:
