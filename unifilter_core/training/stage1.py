@@ -137,15 +137,11 @@ def projector_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_projector(model: nn.Module, out: Path) -> Path:
-    """Write ``mm_projector.safetensors`` (temporary name, then rename)."""
-    import os
-
-    from safetensors.torch import save_file
+    """Write ``mm_projector.safetensors`` atomically (temporary name, fsync, rename)."""
+    from unifilter_core.modeling.safetensors_io import save_safetensors_atomic
 
     path = out / PROJECTOR_FILE
-    tmp = out / f".{PROJECTOR_FILE}.tmp"
-    save_file(projector_state(model), str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
+    save_safetensors_atomic(projector_state(model), path)
     return path
 
 
