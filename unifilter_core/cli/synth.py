@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from unifilter_core.cli import CLIError
+from unifilter_core.records import SAMPLE_KINDS
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("kind", choices=("caption", "interleaved"))
+    p.add_argument("kind", choices=SAMPLE_KINDS)
     p.add_argument(
         "--source", nargs="+", required=True, metavar="SPEC", help=f"where images come from: {_SOURCE_HELP}"
     )

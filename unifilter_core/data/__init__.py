@@ -25,7 +25,7 @@ from unifilter_core.data.writer import (
     write_filtered_tar,
     write_manifest_json,
 )
-from unifilter_core.records import SampleFailure, SampleKind
+from unifilter_core.records import SAMPLE_KINDS, SampleFailure, SampleKind
 
 
 def decode_sample(
@@ -55,7 +55,7 @@ def iter_samples(
     Raises:
         ValueError: at call time, for an unknown ``kind``.
     """
-    if kind not in ("caption", "interleaved"):
+    if kind not in SAMPLE_KINDS:
         raise ValueError(f"unknown sample kind {kind!r}; expected 'caption' or 'interleaved'")
     rows = iter_raw_samples(tar_path, source=source, limits=limits)
     return ((raw.key, decode_sample(raw, kind, limits)) for raw in rows)

@@ -17,11 +17,13 @@ from typing import Any
 
 from PIL import Image
 
+from unifilter_core.records import SAMPLE_KINDS
+
 PROMPT_VERSION = "unifilter-levels-v1"
 TOOL_NAME = "record_quality_levels"
 IMAGE_MARKER = "<image>"
 LEVELS = (3, 2, 1, 0)
-KINDS = ("caption", "interleaved")
+KINDS = SAMPLE_KINDS
 
 LEVEL_RUBRIC = """\
 Quality levels (integers; higher is better):

@@ -24,6 +24,7 @@ from typing import Any
 
 from unifilter_core import paths
 from unifilter_core.fileio import atomic_write_bytes
+from unifilter_core.records import SAMPLE_KINDS
 from unifilter_core.synth.levels import make_caption, make_document, sample_style
 from unifilter_core.synth.pairs_folder import WORLD_MARKER, holds_world_pairs, refuse_claude_folder
 from unifilter_core.synth.world_config import (  # re-exported: callers import them from here
@@ -165,7 +166,7 @@ def write_synthetic_pairs(kind: str, out_dir: str | os.PathLike[str], config: Wo
     Returns:
         A summary: record counts and level counts per split, seconds and pairs per second.
     """
-    if kind not in ("caption", "interleaved"):
+    if kind not in SAMPLE_KINDS:
         raise ValueError(f"kind must be 'caption' or 'interleaved', got {kind!r}")
     out = Path(out_dir)
     refuse_claude_folder(out)  # never write over paid-for pairs (synth.pairs_folder)
@@ -219,7 +220,7 @@ def _check_ownership(root: Path, overwrite: bool) -> list[str]:
     ]
     foreign += [
         paths.synthetic_dir(root, k) / "train.json"
-        for k in ("caption", "interleaved")
+        for k in SAMPLE_KINDS
         if (paths.synthetic_dir(root, k) / "train.json").exists()
         and not holds_world_pairs(paths.synthetic_dir(root, k))
     ]
@@ -270,7 +271,7 @@ def write_world(
         Path(stale).unlink(missing_ok=True)
     seconds = time.perf_counter() - start
     n_pairs = outputs["pretrain"]["records"] + sum(outputs["tars"]["samples"].values())
-    n_pairs += sum(outputs[k]["train"] + outputs[k]["val"] for k in ("caption", "interleaved"))
+    n_pairs += sum(outputs[k]["train"] + outputs[k]["val"] for k in SAMPLE_KINDS)
     for part in outputs.values():  # world.json is deterministic: no timings, paths relative to the root
         for name in ("seconds", "pairs_per_s"):
             part.pop(name, None)
