@@ -130,15 +130,9 @@ def _read_meta(raw: RawSample, flags: list[str]) -> dict[str, Any] | SampleFailu
 
 
 def decode_caption(raw: RawSample, limits: ReaderLimits | None = None) -> CaptionSample | SampleFailure:
-    """Decode one raw caption sample; never raises on bad data.
-
-    Args:
-        raw: a row from :func:`~unifilter_core.data.tars.iter_raw_samples`.
-        limits: decoding limits; defaults if None.
-
-    Returns:
-        A :class:`CaptionSample`, or ``raw.failure`` / a new :class:`SampleFailure` saying why not.
-    """
+    """One raw caption sample (a row of :func:`~unifilter_core.data.tars.iter_raw_samples`) as a
+    :class:`CaptionSample`, or why not (``raw.failure`` or a new :class:`SampleFailure`); never raises on bad data.
+    ``limits`` defaults to :class:`ReaderLimits`."""
     limits = limits or ReaderLimits()
     flags = list(raw.flags)
     if raw.failure is not None:

@@ -177,15 +177,9 @@ def _precheck(texts: list[str | None], limits: ReaderLimits) -> SampleFailure | 
 
 
 def decode_document(raw: RawSample, limits: ReaderLimits | None = None) -> DocumentSample | SampleFailure:
-    """Decode one raw interleaved document; never raises on bad data.
-
-    Args:
-        raw: a row from :func:`~unifilter_core.data.tars.iter_raw_samples`.
-        limits: decoding limits; defaults if None.
-
-    Returns:
-        A :class:`DocumentSample`, or ``raw.failure`` / a new :class:`SampleFailure` saying why not.
-    """
+    """One raw interleaved document (a row of :func:`~unifilter_core.data.tars.iter_raw_samples`) as a
+    :class:`DocumentSample`, or why not (``raw.failure`` or a new :class:`SampleFailure`); never raises on bad
+    data. ``limits`` defaults to :class:`ReaderLimits`."""
     limits = limits or ReaderLimits()
     flags = list(raw.flags)
     if raw.failure is not None:
