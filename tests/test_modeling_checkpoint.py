@@ -281,3 +281,23 @@ def test_output_loading_info_is_honoured(tmp_path: Path) -> None:
     model, info = UniFilterForQualityScoring.from_pretrained(make_ckpt(tmp_path), output_loading_info=True)
     assert isinstance(model, UniFilterForQualityScoring)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+
+
+@pytest.mark.parametrize(("env", "drawn"), [("0", False), ("1", True)])
+def test_loading_bar_follows_unifilter_progress(
+    tiny_checkpoint: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: str,
+    drawn: bool,
+) -> None:
+    """transformers' "Loading weights" bar shows only where the project's bars show (never in logs or CI)."""
+    from transformers.utils import logging as hf_logging
+
+    from unifilter_core.modeling import UniFilterForQualityScoring
+
+    monkeypatch.setenv("UNIFILTER_PROGRESS", env)
+    before = hf_logging.is_progress_bar_enabled()
+    UniFilterForQualityScoring.from_pretrained(tiny_checkpoint)
+    assert ("Loading weights" in capsys.readouterr().err) is drawn
+    assert hf_logging.is_progress_bar_enabled() == before  # restored

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, TextIO, TypeVar
 
 from tqdm import tqdm
@@ -72,4 +73,20 @@ def progress(
     return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, **kwargs)
 
 
-__all__ = ["PROGRESS_ENV", "progress", "progress_enabled"]
+@contextmanager
+def transformers_bars() -> Iterator[None]:
+    """transformers' own bars (e.g. "Loading weights") follow :func:`progress_enabled` inside the block."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.is_progress_bar_enabled()
+    wanted = progress_enabled()
+    if wanted != before:
+        (hf_logging.enable_progress_bar if wanted else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        if wanted != before:
+            (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
+
+
+__all__ = ["PROGRESS_ENV", "progress", "progress_enabled", "transformers_bars"]

@@ -38,6 +38,7 @@ from unifilter_core.modeling.layout import (
 )
 from unifilter_core.modeling.safetensors_io import WEIGHTS_NAME, save_safetensors_atomic, weight_keys
 from unifilter_core.modeling.vision_tower import load_tower_from_folder
+from unifilter_core.progress import transformers_bars
 
 logger = logging.getLogger(__name__)
 
@@ -356,16 +357,17 @@ class UniFilterForQualityScoring(PreTrainedModel):
         for option in ("local_files_only", "use_safetensors", "ignore_mismatched_sizes"):
             kwargs.pop(option, None)
         model_cls = MODEL_CLASSES[config.model_type]
-        model, info = super(UniFilterForQualityScoring, model_cls).from_pretrained(
-            str(directory),
-            config=config,
-            dtype=dtype,
-            local_files_only=True,
-            use_safetensors=True,
-            ignore_mismatched_sizes=True,  # reported below as one ValueError in released names
-            output_loading_info=True,
-            **kwargs,
-        )
+        with transformers_bars():  # no "Loading weights" bar in logs, CI or Dagster runs
+            model, info = super(UniFilterForQualityScoring, model_cls).from_pretrained(
+                str(directory),
+                config=config,
+                dtype=dtype,
+                local_files_only=True,
+                use_safetensors=True,
+                ignore_mismatched_sizes=True,  # reported below as one ValueError in released names
+                output_loading_info=True,
+                **kwargs,
+            )
         mismatched = info["mismatched_keys"]
         missing = set(info["missing_keys"]) - {key for key, *_ in mismatched}
         if not any(key.startswith(RELEASED_VISION_PREFIX) for key in stored):
