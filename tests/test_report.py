@@ -274,3 +274,33 @@ def test_progress_writes_nothing_when_disabled(monkeypatch: pytest.MonkeyPatch) 
     with progress(total=3, desc="work", file=loud, leave=True) as bar:
         bar.update(3)
     assert "work" in loud.getvalue() and "3/3" in loud.getvalue()
+
+
+def test_templates_ship_as_package_data_and_render_strictly() -> None:
+    """Every template file is matched by pyproject's package-data (so wheels carry it); a missing variable is an
+    error, not an empty string."""
+    import fnmatch
+    from importlib import resources
+
+    import jinja2
+    import tomllib
+
+    from unifilter_core.report.html import TEMPLATE, _environment
+
+    folder = resources.files("unifilter_core.report").joinpath("templates")
+    names = sorted(p.name for p in folder.iterdir() if p.is_file())
+    assert TEMPLATE in names and "workbench.css" in names and "workbench.js" in names
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["unifilter_core"]
+    for name in names:
+        assert any(fnmatch.fnmatch(f"report/templates/{name}", g) for g in globs), name
+    with pytest.raises(jinja2.UndefinedError):
+        _environment().get_template(TEMPLATE).render()
+
+
+def test_table_cells_are_escaped_by_the_template(tmp_path: Path) -> None:
+    from unifilter_core.report.html import render_html
+
+    hostile = "</script><script>alert(1)</script>"
+    page = render_html([], [{"asset_key": hostile, "rows": 3}], WorkbenchConfig(), root=tmp_path / hostile)
+    assert hostile not in page and "&lt;/script&gt;&lt;script&gt;alert(1)" in page

@@ -1,5 +1,7 @@
-"""Render the workbench page: static tables (summary, quarantine, lineage) in HTML, interactive parts from an
-embedded JSON payload by the inline script of :mod:`~unifilter_core.report.assets`.
+"""Render the workbench page from ``templates/workbench.html.j2`` (Jinja2, autoescaped): static tables (summary,
+quarantine, lineage), and the interactive parts built from an embedded JSON payload by ``templates/workbench.js``
+(which reads it from ``<script id="workbench-data" type="application/json">`` and inserts sample text with
+``textContent`` only: captions are untrusted input).
 
 The page references no URL: styles, script, data and thumbnails (``data:`` URIs) are all inline, so it opens
 from ``file://`` and can be mailed around.
@@ -8,19 +10,23 @@ from ``file://`` and can be mailed around.
 from __future__ import annotations
 
 import base64
-import html
+import functools
 import json
 import re
 from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import datetime, timezone
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import numpy as np
+from markupsafe import Markup
 
-from unifilter_core.report.assets import CSS, JS
 from unifilter_core.report.data import SourceData, WorkbenchConfig
+
+TEMPLATE = "workbench.html.j2"
 
 
 def slug(name: str) -> str:
@@ -67,83 +73,74 @@ def _json_for_script(payload: dict[str, Any]) -> str:
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, testid: str, numeric: set[int]) -> str:
-    head = "".join(
-        f"<th{' class=num' if i in numeric else ''}>{html.escape(h)}</th>" for i, h in enumerate(headers)
-    )
-    body = []
-    for row in rows:
-        cells = []
-        for i, cell in enumerate(row):
-            cls = " class=num" if i in numeric else ""
-            attrs = cell[1] if isinstance(cell, tuple) else ""
-            value = cell[0] if isinstance(cell, tuple) else cell
-            text = f"{value:.4f}" if isinstance(value, float) else ("" if value is None else str(value))
-            cells.append(f"<td{cls}{attrs}>{html.escape(text)}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return (
-        f'<table data-testid="{testid}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
-    )
+def _cell(value: Any, **attrs: str) -> dict[str, Any]:
+    """One table cell for the template: its value (floats shown with 4 decimals) and its HTML attributes."""
+    return {"value": value, "attrs": {k.replace("_", "-"): v for k, v in attrs.items()}}
 
 
-def _summary(sources: Sequence[SourceData], config: WorkbenchConfig) -> str:
+def _summary(sources: Sequence[SourceData], config: WorkbenchConfig) -> dict[str, Any]:
     rows = []
     for s in sources:
         sl = slug(s.source)
         t = s.default.threshold if s.default else None
+        kept = s.default.kept if s.default else 0
         rows.append(
-            (
-                (s.source, f' data-testid="summary-source-{sl}"'),
-                s.kind or "",
-                s.n_tars,
-                s.n_scored_tars,
-                (s.n_ok, f' data-testid="summary-ok-{sl}"'),
-                (s.status_counts["skipped"], f' data-testid="summary-skipped-{sl}"'),
-                (s.status_counts["error"], f' data-testid="summary-error-{sl}"'),
-                t,
-                s.default.kept if s.default else 0,
-                (f"{t:.4f}" if t is not None else "", f' id="summary-threshold-{sl}"'),
-                (
-                    s.default.kept if s.default else 0,
-                    f' id="summary-kept-{sl}" data-testid="summary-kept-{sl}"',
-                ),
-            )
+            [
+                _cell(s.source, data_testid=f"summary-source-{sl}"),
+                _cell(s.kind or ""),
+                _cell(s.n_tars),
+                _cell(s.n_scored_tars),
+                _cell(s.n_ok, data_testid=f"summary-ok-{sl}"),
+                _cell(s.status_counts["skipped"], data_testid=f"summary-skipped-{sl}"),
+                _cell(s.status_counts["error"], data_testid=f"summary-error-{sl}"),
+                _cell(t),
+                _cell(kept),
+                _cell(f"{t:.4f}" if t is not None else "", id=f"summary-threshold-{sl}"),
+                _cell(kept, id=f"summary-kept-{sl}", data_testid=f"summary-kept-{sl}"),
+            ]
         )
     headers = ["source", "kind", "tars", "scored tars", "ok", "skipped", "error",
                f"threshold (keep {config.keep_fraction:.0%})", "kept", "threshold (yours)", "kept (yours)"]  # fmt: skip
-    return _table(headers, rows, testid="summary-table", numeric=set(range(2, 11)))
+    return {"headers": headers, "rows": rows, "numeric": list(range(2, 11))}
 
 
-def _quarantine(sources: Sequence[SourceData]) -> str:
-    parts = []
+def _quarantine(sources: Sequence[SourceData]) -> list[dict[str, Any]]:
+    out = []
     for s in sources:
         total = sum(s.status_counts.values())
         if not s.reasons:
             continue
         rows = [
-            ((reason, f' data-reason="{html.escape(reason)}"'), n, f"{n / total:.1%}" if total else "")
+            [_cell(reason, data_reason=reason), _cell(n), _cell(f"{n / total:.1%}" if total else "")]
             for reason, n in s.reasons.items()
         ]
-        parts.append(f"<h3>{html.escape(s.source)}</h3>")
-        parts.append(_table(["reason", "rows", "share of rows"], rows, testid=f"quarantine-{slug(s.source)}",
-                            numeric={1, 2}))  # fmt: skip
-    return "".join(parts) or '<p class="muted" data-testid="quarantine-empty">Every row scored ok.</p>'
+        out.append({"source": s.source, "slug": slug(s.source), "rows": rows})
+    return out
 
 
-def _lineage(lineage: Sequence[dict[str, Any]]) -> str:
-    if not lineage:
-        return '<p class="muted" data-testid="lineage-empty">No materializations recorded yet.</p>'
-    cols = [
-        "asset_key",
-        "materializations",
-        "partitions",
-        "rows",
-        "statuses",
-        "model_fingerprints",
-        "last_finished",
-    ]
-    rows = [[r.get(c) for c in cols] for r in lineage]
-    return _table(cols, rows, testid="lineage-table", numeric={1, 2, 3})
+LINEAGE_COLUMNS = ("asset_key", "materializations", "partitions", "rows", "statuses", "model_fingerprints",
+                   "last_finished")  # fmt: skip
+
+
+def _lineage(lineage: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    rows = [[_cell(r.get(c)) for c in LINEAGE_COLUMNS] for r in lineage]
+    return {"headers": list(LINEAGE_COLUMNS), "rows": rows}
+
+
+@functools.cache
+def _environment() -> jinja2.Environment:
+    """Templates from the package's ``templates/`` folder; autoescaped; a missing variable is an error."""
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("unifilter_core.report", "templates"),
+        autoescape=jinja2.select_autoescape(enabled_extensions=("j2",), default_for_string=True),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
+
+
+def _static(name: str) -> Markup:
+    """A file of ``templates/`` inlined verbatim (the page's own CSS and script)."""
+    return Markup(resources.files("unifilter_core.report").joinpath("templates", name).read_text("utf-8"))
 
 
 def render_html(
@@ -154,39 +151,26 @@ def render_html(
     root: Path,
     generated_at: datetime | None = None,
 ) -> str:
-    """The complete page as one string."""
+    """The complete page as one string (``templates/workbench.html.j2``)."""
     when = (generated_at or datetime.now(timezone.utc)).strftime("%Y-%m-%d %H:%M UTC")
-    sections = "".join(
-        f'<section class="source" id="source-{slug(s.source)}" data-source="{html.escape(s.source)}">'
-        f"<h3>{html.escape(s.source)} <span class=muted>{s.n_ok} ok of {sum(s.status_counts.values())} rows, "
-        f"{s.n_scored_tars}/{s.n_tars} tars scored</span></h3></section>"
+    sections = [
+        {"slug": slug(s.source), "name": s.source, "n_ok": s.n_ok, "n_rows": sum(s.status_counts.values()),
+         "n_scored_tars": s.n_scored_tars, "n_tars": s.n_tars}
         for s in sources
+    ]  # fmt: skip
+    return (
+        _environment()
+        .get_template(TEMPLATE)
+        .render(
+            root=str(root),
+            generated=when,
+            keep_fraction=config.keep_fraction,
+            summary=_summary(sources, config),
+            sources=sections,
+            quarantine=_quarantine(sources),
+            lineage=_lineage(lineage),
+            payload=Markup(_json_for_script(build_payload(sources, config))),
+            css=_static("workbench.css"),
+            script=_static("workbench.js"),
+        )
     )
-    if not sources:
-        sections = '<p class="muted" data-testid="no-sources">No tars registered and nothing scored yet.</p>'
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
-<title>UniFilter threshold workbench</title>
-<style>{CSS}</style></head>
-<body>
-<header><h1>UniFilter threshold workbench</h1>
-<p>data root {html.escape(str(root))} &middot; generated {when} &middot; default keep {config.keep_fraction:.0%}</p></header>
-<main>
-<h2>Sources</h2>
-{_summary(sources, config)}
-<h2>Thresholds</h2>
-<p class="muted">Move a threshold: samples with score &ge; threshold are kept (ties included); skipped and error
-rows are never kept. Your thresholds, for <code>unifilter thresholds --absolute X --source S</code>:</p>
-<pre id="selection" data-testid="selection"></pre>
-{sections}
-<h2>Quarantine: rows not scored, by reason</h2>
-{_quarantine(sources)}
-<h2>Lineage</h2>
-{_lineage(lineage)}
-</main>
-<script type="application/json" id="workbench-data">{_json_for_script(build_payload(sources, config))}</script>
-<script>{JS}</script>
-</body></html>
-"""

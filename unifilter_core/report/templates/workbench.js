@@ -1,48 +1,3 @@
-"""The workbench page's inline CSS and JavaScript (kept as strings so the page needs no package data files).
-
-The script reads the JSON payload from ``<script id="workbench-data" type="application/json">`` and builds, per
-source: an SVG histogram, the threshold controls (slider, number input, keep-share input), the live kept count and
-the gallery bands. Sample text is inserted with ``textContent`` only (captions are untrusted input).
-"""
-
-CSS = """
-:root { --kept: #2e7d32; --dropped: #9e9e9e; --accent: #1565c0; --bg: #fafafa; }
-* { box-sizing: border-box; }
-body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0; background: var(--bg);
-       color: #212121; }
-header { background: #263238; color: #fff; padding: 12px 24px; }
-header h1 { margin: 0; font-size: 20px; }
-header p { margin: 2px 0 0; color: #b0bec5; font-size: 12px; }
-main { padding: 12px 24px 48px; max-width: 1400px; }
-h2 { font-size: 17px; margin: 24px 0 8px; border-bottom: 1px solid #cfd8dc; padding-bottom: 4px; }
-h3 { font-size: 15px; margin: 16px 0 6px; }
-table { border-collapse: collapse; margin: 6px 0 12px; background: #fff; }
-th, td { border: 1px solid #e0e0e0; padding: 3px 8px; text-align: left; }
-td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
-.source { background: #fff; border: 1px solid #e0e0e0; border-radius: 6px; padding: 12px 16px; margin: 16px 0; }
-.controls { display: flex; flex-wrap: wrap; gap: 16px; align-items: center; margin: 8px 0; }
-.controls input[type=range] { width: 360px; }
-.controls input[type=number] { width: 110px; }
-.kept-total { font-size: 16px; font-weight: 600; color: var(--kept); }
-.muted { color: #757575; font-size: 12px; }
-.band { margin: 8px 0 4px; }
-.cards { display: flex; flex-wrap: wrap; gap: 8px; }
-.card { width: 168px; border: 2px solid var(--dropped); border-radius: 4px; background: #fff; padding: 4px;
-        font-size: 12px; }
-.card.is-kept { border-color: var(--kept); background: #f1f8e9; }
-.card img { display: block; max-width: 156px; max-height: 128px; margin: 0 auto 4px; }
-.card .ph { height: 64px; display: flex; align-items: center; justify-content: center; background: #eceff1;
-            color: #607d8b; margin-bottom: 4px; text-align: center; padding: 4px; }
-.card .score { font-weight: 600; }
-.card .text { max-height: 7.5em; overflow: hidden; white-space: pre-wrap; word-break: break-word; }
-svg.hist rect.kept { fill: var(--kept); }
-svg.hist rect.dropped { fill: var(--dropped); }
-svg.hist line.t { stroke: #c62828; stroke-width: 2; }
-svg.hist text { font-size: 10px; fill: #616161; }
-pre { background: #fff; border: 1px solid #e0e0e0; padding: 8px; overflow-x: auto; }
-"""
-
-JS = r"""
 "use strict";
 (function () {
   const DATA = JSON.parse(document.getElementById("workbench-data").textContent);
@@ -237,4 +192,3 @@ JS = r"""
   for (const src of DATA.sources) buildSource(src);
   document.body.setAttribute("data-ready", "1");
 })();
-"""
