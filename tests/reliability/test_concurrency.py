@@ -24,7 +24,8 @@ from tests.reliability.conftest import make_resources, failure_message
 from unifilter_dagster.assets.tars import scores
 root, ckpt, partition, go = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
 res = make_resources(root, ckpt, [("cap", "caption"), ("doc", "interleaved")])
-res["scoring_model"].load(root)  # warm the scorer cache: every process then hits the catalog at about once
+model = res["scoring_model"]
+model.load(root, model.settings("caption"))  # imports and weights read once: every process then hits the catalog at about once
 print("READY", flush=True)
 while not go.exists():
     time.sleep(0.01)
