@@ -118,8 +118,13 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, *, mode: int | No
 
 def sha256_file(path: str | os.PathLike[str], chunk_size: int = HASH_CHUNK) -> str:
     """The sha256 hex digest of a file's bytes, read in chunks (constant memory)."""
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
+        return sha256_stream(handle, chunk_size)
+
+
+def sha256_stream(handle: BinaryIO, chunk_size: int = HASH_CHUNK) -> str:
+    """The sha256 hex digest of what ``handle`` reads to its end, in chunks (constant memory)."""
+    digest = hashlib.sha256()
+    while chunk := handle.read(chunk_size):
+        digest.update(chunk)
     return digest.hexdigest()

@@ -218,9 +218,9 @@ def resume_partition(
     the table when ``catalog`` is given, as after scoring. None means "score it" (the full check may still
     resume after hashing the tar).
     """
-    from unifilter_core.scoring.engine import summary_from_manifest
     from unifilter_core.scoring.resume import resumable_manifest
     from unifilter_core.scoring.source_marker import check_source_marker
+    from unifilter_core.scoring.summary import summary_from_manifest
 
     out = score_table_path(root, spec.name, tar)
     if resumable_manifest(out, request_key) is None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 # a shard is `<digits>.tar` or MMC4's `shard_<digits>.tar`; ASCII digits only (str.isdigit() accepts `²`)
 _SHARD_NAME = re.compile(r"(?:shard_)?([0-9]+)\.tar", re.ASCII)
@@ -45,12 +46,17 @@ def catalog_path(root: Path) -> Path:
     return root / "unifilter.duckdb"
 
 
+def base_name(path: str | os.PathLike[str] | Any) -> str:
+    """The last part of a local path or a store URL (``s3://b/shards/00000042.tar`` -> ``00000042.tar``)."""
+    return path.name if not isinstance(path, str) and hasattr(path, "name") else PurePosixPath(str(path)).name
+
+
 def shard_id(name: str | os.PathLike[str]) -> int | None:
     """The tar id of a shard file name: ``00000042.tar`` and ``shard_42.tar`` -> 42; anything else -> None.
 
     Only ASCII digits count (``².tar`` is not a shard).
     """
-    match = _SHARD_NAME.fullmatch(Path(name).name)
+    match = _SHARD_NAME.fullmatch(base_name(name))
     return int(match.group(1)) if match else None
 
 
@@ -59,7 +65,7 @@ def partition_key(source: str, tar_path: str | os.PathLike[str]) -> str:
     number = shard_id(tar_path)
     if number is None:
         raise ValueError(
-            f"tar name {Path(tar_path).name!r} is not a shard name (expected e.g. 00000042.tar or shard_42.tar)"
+            f"tar name {base_name(tar_path)!r} is not a shard name (expected e.g. 00000042.tar or shard_42.tar)"
         )
     return f"{source}_{number:04d}"
 

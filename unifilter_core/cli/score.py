@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from unifilter_core import storage
 from unifilter_core.cli import CLIError
 from unifilter_core.paths import data_root, scores_dir
 
@@ -119,7 +120,12 @@ def _add_flags(p: argparse.ArgumentParser, kind: str) -> None:
         help="checkpoint folder (config.json + model.safetensors), or a hub id (owner/name) already in the "
         "local Hugging Face cache",
     )
-    p.add_argument("--tar-file-path", required=True, help="folder of <number>.tar shards, or one .tar file")
+    p.add_argument(
+        "--tar-file-path",
+        required=True,
+        help="folder of <number>.tar shards, or one .tar file; or a store URL (s3://bucket/prefix, "
+        "credentials and endpoint from the AWS_* environment)",
+    )
     p.add_argument("--gpu-id", type=int, default=0, help="block index I: the tars with ids in [I*N, (I+1)*N)")
     batch = _DEFAULT_BATCH_HELP[kind]  # ScoringSettings' default (a test keeps the two equal)
     p.add_argument("--batch-size", type=int, default=None, help=f"samples per model call (default {batch})")
@@ -133,8 +139,8 @@ def _add_flags(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument(
         "--output-dir",
         default=None,
-        help="where tables go (default <data root>/scores/<source>; with --output-format original: the tar "
-        "folder, as the original scripts)",
+        help="where tables go, a folder or a store URL such as s3://bucket/scores (default <data "
+        "root>/scores/<source>; with --output-format original: the tar folder, as the original scripts)",
     )
     p.add_argument(
         "--output-format",
@@ -233,11 +239,11 @@ def _check_numbers(args: argparse.Namespace) -> None:
 class _Plan:
     """What a run will do, settled before the model loads."""
 
-    block: list[Path]
+    block: list[Any]  # Path, or upath.UPath for a store URL
     ids: range
     missing: list[int]
-    input_dir: Path
-    out: Path
+    input_dir: Any
+    out: Any
     source: str
     n_found: int
 
@@ -266,14 +272,14 @@ def _check_checkpoint(model_path: str) -> None:
         ) from None
 
 
-def _original_output_dir(args: argparse.Namespace, input_dir: Path) -> Path:
+def _original_output_dir(args: argparse.Namespace, input_dir: Any) -> Any:
     """Where ``--output-format original`` writes: ``--output-dir`` or, as the original, the tar folder.
 
     Original-form tables have other columns than the catalog's, so they never go under ``<data root>/scores``.
     """
-    out = Path(args.output_dir).expanduser().resolve() if args.output_dir else input_dir
+    out = _out_location(args.output_dir) if args.output_dir else input_dir
     catalog_scores = (data_root(args.root) / "scores").resolve()
-    if out == catalog_scores or catalog_scores in out.parents:
+    if not storage.is_url(out) and (out == catalog_scores or catalog_scores in out.parents):
         raise CLIError(
             f"--output-dir {str(out)!r} is under the catalog's score folder {str(catalog_scores)!r}, which holds "
             "only unifilter-format tables; pass another --output-dir for --output-format original"
@@ -283,7 +289,18 @@ def _original_output_dir(args: argparse.Namespace, input_dir: Path) -> Path:
     return out
 
 
-def _output_dir(args: argparse.Namespace, source: str, input_dir: Path) -> Path:
+def _out_location(text: str) -> Any:
+    """``--output-dir``: a store URL as given (no trailing slash), a local folder made absolute."""
+    return storage.location(text.rstrip("/")) if storage.is_url(text) else Path(text).expanduser().resolve()
+
+
+def _same_folder(a: Any, b: Any) -> bool:
+    if storage.is_url(a) or storage.is_url(b):
+        return str(a).rstrip("/") == str(b).rstrip("/")
+    return a == b or a.exists() and a.samefile(b)
+
+
+def _output_dir(args: argparse.Namespace, source: str, input_dir: Any) -> Any:
     from unifilter_core.scoring.source_marker import SourceMismatchError, check_source_marker
 
     if args.output_format == "original":
@@ -291,12 +308,8 @@ def _output_dir(args: argparse.Namespace, source: str, input_dir: Path) -> Path:
         if out == input_dir:
             return out  # next to the tars, as the original: the folder cannot hold another source's tables
     else:
-        out = (
-            Path(args.output_dir).expanduser().resolve()
-            if args.output_dir
-            else scores_dir(data_root(args.root), source)
-        )
-    if out == input_dir or out.exists() and out.samefile(input_dir):
+        out = _out_location(args.output_dir) if args.output_dir else scores_dir(data_root(args.root), source)
+    if _same_folder(out, input_dir):
         raise CLIError(f"--output-dir {str(out)!r} is the input folder; score tables must go elsewhere")
     if out.exists() and not out.is_dir():
         raise CLIError(f"--output-dir {str(out)!r} exists and is not a folder")
@@ -316,6 +329,8 @@ def _tolerant_path(path: str) -> str:
     trailing space (``data/datacomp/medium_vanilla_filter ``).
     """
     stripped = path.rstrip()
+    if storage.is_url(path):
+        return stripped
     if stripped != path and not Path(path).expanduser().exists() and Path(stripped).expanduser().exists():
         logger.warning(
             "--tar-file-path %r does not exist; using %r (trailing whitespace removed)", path, stripped
@@ -345,12 +360,14 @@ def _plan(args: argparse.Namespace) -> _Plan:
     out = _output_dir(args, source, input_dir)
     present = {shard_id(t) for t in tars}
     missing = (
-        [] if len(tars) == 1 and Path(args.tar_file_path).is_file() else [i for i in ids if i not in present]
+        []
+        if len(tars) == 1 and storage.location(args.tar_file_path).is_file()
+        else [i for i in ids if i not in present]
     )
     return _Plan(block, ids, missing, input_dir, out, source, len(tars))
 
 
-def _check_output(out: Path) -> None:
+def _check_output(out: Any) -> None:
     from unifilter_core.scoring import output
 
     try:
@@ -410,7 +427,7 @@ def run_score(args: argparse.Namespace) -> int:
         f"({settings.device}, {settings.dtype})"
     )
     try:
-        if plan.out != plan.input_dir:
+        if not _same_folder(plan.out, plan.input_dir):
             write_source_marker(plan.out, plan.source, plan.input_dir)
         failed = _score_block(args, plan, scorer, config)
     except OSError as exc:
@@ -442,7 +459,7 @@ def _score_block(args: argparse.Namespace, plan: _Plan, scorer: Any, config: Any
         print(summary.describe(), flush=True)
         error = getattr(summary, "error", None)
         if error:
-            failed.append((Path(summary.tar_path).name, str(error)))
+            failed.append((summary.tar_path.name, str(error)))
         total_rows += summary.rows
         total_s += summary.wall_s
     rate = f", {total_rows / total_s:.1f} samples/s" if total_s > 0 else ""
@@ -450,7 +467,7 @@ def _score_block(args: argparse.Namespace, plan: _Plan, scorer: Any, config: Any
     return failed
 
 
-def _os_error_line(exc: OSError, out: Path) -> str:
+def _os_error_line(exc: OSError, out: Any) -> str:
     """One line for a disk-full / permission / other OS error met while writing score tables."""
     import errno
 

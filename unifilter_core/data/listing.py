@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from webdataset.tariterators import base_plus_ext
 
+from unifilter_core import storage
 from unifilter_core.data.tars import is_unsafe_member_name
 from unifilter_core.data.text import escape_unencodable
 
@@ -61,7 +62,7 @@ def list_tar_samples(path: str | os.PathLike[str]) -> TarListing:
     """List the sample keys of a tar to its real end (never raises on bad data).
 
     Args:
-        path: a tar file (plain or compressed).
+        path: a tar file (plain or compressed), local or a store URL.
 
     Returns:
         A :class:`TarListing`; ``error`` is set when the archive could not be read to its end (the keys found
@@ -69,7 +70,10 @@ def list_tar_samples(path: str | os.PathLike[str]) -> TarListing:
     """
     listing = TarListing()
     try:
-        with tarfile.open(path, mode="r:*", ignore_zeros=True) as archive:
+        with (
+            storage.open_input(path) as fileobj,
+            tarfile.open(fileobj=fileobj, mode="r:*", ignore_zeros=True) as archive,
+        ):
             while True:
                 try:
                     info = archive.next()

@@ -54,6 +54,7 @@ from pathlib import Path, PurePosixPath
 
 from webdataset.tariterators import base_plus_ext
 
+from unifilter_core import storage
 from unifilter_core.data.limits import ReaderLimits
 from unifilter_core.data.tarstream import RewindableReader, open_payload
 from unifilter_core.data.text import escape_unencodable
@@ -291,17 +292,18 @@ def iter_raw_samples(
     """Stream the samples of one tar as :class:`RawSample` rows, never raising on bad data.
 
     Args:
-        tar_path: a webdataset tar, plain or compressed (gzip, bz2, xz), possibly several tars concatenated.
+        tar_path: a webdataset tar, plain or compressed (gzip, bz2, xz), possibly several tars concatenated; a
+            local path or a store URL (``s3://...``, read as a stream, see :mod:`unifilter_core.storage`).
         source: the source name, used only in log messages.
         limits: ``max_member_bytes`` is applied here (members above it are never read); default limits if None.
 
     Yields:
         One row per sample group, plus the extra rows described in the module docstring.
     """
-    path = Path(tar_path)
+    path = storage.location(tar_path)
     grouper = _Grouper((limits or ReaderLimits()).max_member_bytes)
     try:
-        fileobj = open(path, "rb")  # noqa: SIM115 - closed in the finally below, the generator may pause
+        fileobj = storage.open_input(path)  # a local file, or a store object streamed with retries
         payload, comptype = open_payload(fileobj)
     except OSError as exc:
         logger.warning("cannot open tar %s (source %s): %s", path, source, exc)

@@ -13,7 +13,9 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from unifilter_core import storage
 from unifilter_core.paths import shard_id
+from unifilter_core.storage import Location
 
 logger = logging.getLogger(__name__)
 
@@ -22,9 +24,10 @@ _PROBE_WIDTH = 12  # zero-padded names probed by find_shard: `42.tar` ... `00000
 _SHOWN = 5  # names quoted in warnings and hints
 
 
-def _absolute(path: Path) -> Path:
-    """The absolute path with the folder resolved but not the file: a symlinked shard keeps its own name."""
-    return path.parent.resolve() / path.name
+def _absolute(path: Location) -> Location:
+    """The absolute path with the folder resolved but not the file: a symlinked shard keeps its own name (a
+    store URL is already absolute)."""
+    return path if storage.is_url(path) else path.parent.resolve() / path.name
 
 
 def _listing_hint(names: Sequence[str]) -> str:
@@ -69,12 +72,12 @@ def _is_companion(name: str, stems: set[str]) -> bool:
     return head in stems
 
 
-def _scan(folder: Path) -> tuple[list[tuple[int, Path]], list[str]]:
+def _scan(folder: Location) -> tuple[list[tuple[int, Location]], list[str]]:
     """``(id, path)`` of each shard directly in ``folder``, and the names of the other entries (companion
     files of the shards found are left out of both)."""
-    found: list[tuple[int, Path]] = []
+    found: list[tuple[int, Location]] = []
     others: list[str] = []
-    for entry in sorted(folder.iterdir()):
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
         number = shard_id(entry.name)
         if number is not None and entry.is_file():
             found.append((number, entry))
@@ -84,21 +87,23 @@ def _scan(folder: Path) -> tuple[list[tuple[int, Path]], list[str]]:
     return found, [name for name in others if not _is_companion(name, stems)]
 
 
-def discover_tars(path: str | os.PathLike[str]) -> list[Path]:
+def discover_tars(path: str | os.PathLike[str]) -> list[Location]:
     """The tars to score under ``path`` (a folder, not recursive) or ``path`` itself (a single shard file).
 
     Args:
-        path: a folder holding ``<NNNNNNNN>.tar`` (or ``shard_<N>.tar``) shards, or one such file.
+        path: a folder holding ``<NNNNNNNN>.tar`` (or ``shard_<N>.tar``) shards, or one such file; local or a
+            store URL (``s3://bucket/shards``: a prefix, listed through fsspec).
 
     Returns:
-        Absolute paths (the folder resolved, a symlinked shard keeps its name) sorted by tar id. Files that
-        are not shards are skipped with one warning naming them.
+        Absolute paths (the folder resolved, a symlinked shard keeps its name; :class:`upath.UPath` for a
+        URL) sorted by tar id. Files that are not shards are skipped with one warning naming them.
 
     Raises:
         ValueError: the path does not exist, is a file that is not a shard, is a folder with no shard (the
             names found are quoted, compressed shards with what to do), or holds two shards of one id.
     """
-    root = Path(path).expanduser()
+    root = storage.location(path)
+    storage.forget_listings(root)  # another process may have written there since this one last listed it
     if not root.exists():
         raise ValueError(f"tar path {str(root)!r} does not exist")
     if root.is_file():
@@ -109,7 +114,7 @@ def discover_tars(path: str | os.PathLike[str]) -> list[Path]:
         return [_absolute(root)]
     if not root.is_dir():
         raise ValueError(f"tar path {str(root)!r} is neither a folder nor a file")
-    root = root.resolve()
+    root = root if storage.is_url(root) else root.resolve()
     found, skipped = _scan(root)
     if not found:
         raise ValueError(f"no <number>.tar shards in folder {str(root)!r}{_listing_hint(skipped)}")

@@ -25,9 +25,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,10 @@ from typing import Any
 import torch
 
 import unifilter_core
+from unifilter_core import storage
 from unifilter_core.data import tar_fingerprint
 from unifilter_core.data.text import escape_unencodable
+from unifilter_core.paths import base_name
 from unifilter_core.paths import partition_key as make_partition_key
 from unifilter_core.progress import progress as _progress
 from unifilter_core.progress import progress_enabled
@@ -52,6 +55,7 @@ from unifilter_core.scoring.output import OutputError, output_errors
 from unifilter_core.scoring.outputs import listing_record, open_writer, output_paths
 from unifilter_core.scoring.pool import DecodePool
 from unifilter_core.scoring.samples import SampleItem, iter_items, short_error
+from unifilter_core.scoring.summary import TarScoreSummary, summary_from_manifest
 from unifilter_core.scoring.table import (
     MANIFEST_FORMAT_VERSION,
     Counts,
@@ -67,54 +71,6 @@ from unifilter_core.scoring.table import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class TarScoreSummary:
-    """What happened to one tar.
-
-    Attributes:
-        tar_path: the input tar.
-        table_path: the score table (``<out_dir>/<stem>.parquet``).
-        manifest_path: its manifest.
-        partition_key: ``<source>_<NNNN>``.
-        resumed: True when an up-to-date table already existed and nothing was computed.
-        rows: rows in the table (one per sample).
-        by_status: row counts by status (``ok`` / ``skipped`` / ``error``).
-        by_reason: row counts by reason code.
-        wall_s: seconds spent scoring (0 when resumed).
-        model_s: seconds inside ``scorer.forward``.
-        error: why the tar could not be scored (no table was written), else None.
-    """
-
-    tar_path: Path
-    table_path: Path
-    manifest_path: Path
-    partition_key: str
-    resumed: bool
-    rows: int
-    by_status: dict[str, int] = field(default_factory=dict)
-    by_reason: dict[str, int] = field(default_factory=dict)
-    wall_s: float = 0.0
-    model_s: float = 0.0
-    error: str | None = None
-
-    @property
-    def failed(self) -> bool:
-        """True when the tar could not be scored (see ``error``)."""
-        return self.error is not None
-
-    @property
-    def samples_per_s(self) -> float:
-        return self.rows / self.wall_s if self.wall_s > 0 else 0.0
-
-    def describe(self) -> str:
-        """One line for humans: ``00000042.tar: 1000 rows (ok 990, skipped 4, error 6), 123.4 samples/s``."""
-        if self.error is not None:
-            return f"{self.tar_path.name}: FAILED, no table written: {self.error}"
-        counts = ", ".join(f"{s} {self.by_status.get(s, 0)}" for s in ("ok", "skipped", "error"))
-        tail = "up to date, skipped" if self.resumed else f"{self.samples_per_s:.1f} samples/s"
-        return f"{self.tar_path.name}: {self.rows} rows ({counts}), {tail}"
 
 
 def _windows(items: Iterator[SampleItem], config: ScoringConfig) -> Iterator[list[SampleItem]]:
@@ -192,23 +148,6 @@ def _build_manifest(job: _Job, meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def summary_from_manifest(tar_path: Path, table: Path, pkey: str) -> TarScoreSummary:
-    """The summary of an up-to-date table (``resumed=True``), from its manifest."""
-    manifest_path = manifest_path_for(table)
-    manifest = read_manifest(manifest_path) or {}
-    counts = manifest.get("counts", {})
-    return TarScoreSummary(
-        tar_path,
-        table,
-        manifest_path,
-        pkey,
-        resumed=True,
-        rows=int(manifest.get("table", {}).get("rows", 0)),
-        by_status=dict(counts.get("status", {})),
-        by_reason=dict(counts.get("reason", {})),
-    )
-
-
 def score_tar(
     tar_path: str | os.PathLike[str],
     scorer: Any,
@@ -264,8 +203,8 @@ def score_tar(
         WorkerCrashed: the tar cannot be read to its end (a sample that kills a worker only costs its row).
         OutputError: the table, manifest or lock cannot be written (disk full, read-only, permissions).
     """
-    tar = Path(os.path.abspath(tar_path))  # not resolve(): a symlinked shard keeps its own name and partition
-    table = Path(out_path)
+    tar = storage.absolute(tar_path)  # not resolve(): a symlinked shard keeps its own name and partition
+    table = storage.location(out_path)
     if not tar.is_file():
         raise ValueError(f"tar {str(tar)!r} does not exist")
     if table.suffix != ".parquet":
@@ -282,6 +221,9 @@ def score_tar(
         _record_request_key(table, request_key)
         return summary_from_manifest(tar, table, pkey)
 
+    job = _Job(tar, table, manifest_path, kind, source, pkey, key, canon, output_format, request_key)
+    if storage.is_url(table):
+        return _score_to_store(job, scorer, config, progress, pool)
     with output_errors(table.parent):
         table.parent.mkdir(parents=True, exist_ok=True)
     with table_lock(table):
@@ -294,11 +236,35 @@ def score_tar(
         if own_pool:
             pool = DecodePool(scorer.processor, config)
         try:
-            job = _Job(tar, table, manifest_path, kind, source, pkey, key, canon, output_format, request_key)
             return _score(job, scorer, config, progress, pool)
         finally:
             if own_pool and pool is not None:
                 pool.close()
+
+
+def _score_to_store(
+    job: _Job, scorer: Any, config: ScoringConfig, progress: bool, pool: DecodePool | None
+) -> TarScoreSummary:
+    """Score into a local staging folder, then publish table and manifest to the store (manifest last).
+
+    A store has no rename and no lock file: the table is committed by its manifest
+    (:func:`unifilter_core.storage.publish`). Two runs scoring the same tar write equal tables; the last
+    manifest wins. A run killed before the publish leaves nothing on the store for this tar.
+    """
+    own_pool = pool is None and config.num_workers > 0
+    if own_pool:
+        pool = DecodePool(scorer.processor, config)
+    try:
+        with tempfile.TemporaryDirectory(prefix="unifilter-stage-") as stage:
+            local_table = Path(stage) / job.table.name
+            local = replace(job, table=local_table, manifest_path=manifest_path_for(local_table))
+            summary = _score(local, scorer, config, progress, pool)
+            storage.publish([(local_table, job.table)], (local.manifest_path, job.manifest_path))
+    finally:
+        if own_pool and pool is not None:
+            pool.close()
+    summary.table_path, summary.manifest_path = job.table, job.manifest_path
+    return summary
 
 
 @dataclass(slots=True)
@@ -323,7 +289,7 @@ def _record_request_key(table: Path, request_key: str | None, *, locked: bool = 
     if request_key is None or (read_manifest(manifest_path) or {}).get("request_key") == request_key:
         return
     try:
-        with contextlib.nullcontext() if locked else table_lock(table):
+        with contextlib.nullcontext() if locked or storage.is_url(table) else table_lock(table):
             manifest = read_manifest(manifest_path)
             if manifest is not None:
                 write_manifest(manifest_path, {**manifest, "request_key": request_key})
@@ -429,7 +395,7 @@ def _failed_summary(
         pkey = make_partition_key(source, tar_path)
     except ValueError:
         pkey = ""
-    tar = Path(os.path.abspath(tar_path))
+    tar = storage.absolute(tar_path)
     return TarScoreSummary(tar, table, manifest, pkey, resumed=False, rows=0, error=short_error(exc))
 
 
@@ -461,7 +427,7 @@ def score_tars(
     """
     output_format = OutputFormat(output_format)
     config = config or ScoringConfig()
-    out = Path(out_dir)
+    out = storage.location(out_dir)
     pool = DecodePool(scorer.processor, config) if config.num_workers > 0 else None
     try:
         for tar_path in tar_paths:
@@ -482,7 +448,7 @@ def score_tars(
             except OutputError:
                 raise  # the output folder cannot take files: every later tar would fail the same way
             except Exception as exc:  # one tar never stops the block: record it and go on
-                logger.error("%s could not be scored: %s", Path(tar_path).name, short_error(exc))
+                logger.error("%s could not be scored: %s", base_name(tar_path), short_error(exc))
                 logger.debug("traceback of %s", tar_path, exc_info=True)
                 summary = _failed_summary(out, tar_path, source, exc, output_format)
             yield summary

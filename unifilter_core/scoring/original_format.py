@@ -28,6 +28,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from unifilter_core import storage
 from unifilter_core.data.text import escape_unencodable
 
 ORIGINAL_SUFFIX = "_quality_score"
@@ -44,12 +45,12 @@ def original_table_paths(
     ``NNNNNNNN`` is the tar id in 8 digits, as the original names them (``shard_7.tar`` -> ``00000007``); a tar
     name without an id keeps its stem.
     """
-    from unifilter_core.paths import shard_id
+    from unifilter_core.paths import base_name, shard_id
 
-    number = shard_id(Path(tar_path).name)
-    base = f"{number:08d}" if number is not None else Path(tar_path).name.split(".")[0]
+    number = shard_id(tar_path)
+    base = f"{number:08d}" if number is not None else base_name(tar_path).split(".")[0]
     stem = base + ORIGINAL_SUFFIX
-    out = Path(out_dir)
+    out = storage.location(out_dir)
     return out / f"{stem}.parquet", out / f"{stem}.manifest.json"
 
 

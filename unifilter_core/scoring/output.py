@@ -8,8 +8,12 @@ import contextlib
 import errno
 import os
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from unifilter_core import storage
 
 #: errno values that mean "this output location cannot take files": the user must act, a retry will not help
 OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
@@ -81,6 +85,8 @@ def check_output_writable(folder: str | os.PathLike[str]) -> Path:
         OutputError: the folder cannot be created or written (read-only file system, permissions, disk full,
             a file in the way); the message names the folder and what to do.
     """
+    if storage.is_url(folder):
+        return _check_store_writable(storage.location(folder))
     path = Path(folder)
     created = [p for p in (path, *path.parents) if not p.exists()]
     try:
@@ -101,3 +107,21 @@ def check_output_writable(folder: str | os.PathLike[str]) -> Path:
             if made.is_dir():
                 made.rmdir()
     return path
+
+
+def _check_store_writable(prefix: Any) -> Any:
+    """Put and delete a small probe object under a store prefix: a missing bucket or a refused credential
+    shows here, before the model loads (the message names the prefix, never a credential)."""
+    probe = prefix / f".write-check-{uuid.uuid4().hex[:12]}"
+    try:
+        probe.write_bytes(b"unifilter")
+        storage.remove(probe)
+    except Exception as exc:  # botocore/aiohttp errors are not all OSErrors
+        what = f"{type(exc).__name__}: {exc}" if not isinstance(exc, OSError) else (exc.strerror or str(exc))
+        message = (
+            f"output prefix {prefix} is not writable: {what}; check that the bucket exists and that the "
+            "AWS_* credentials in the environment may write to it"
+        )
+        code = exc.errno if isinstance(exc, OSError) else None
+        raise OutputError(code, what, str(prefix), message) from exc
+    return prefix

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from unifilter_core.data import iter_raw_samples
+from unifilter_core.paths import base_name
 from unifilter_core.records import Reason, ScoreResult
 from unifilter_core.scoring.config import SampleKind, ScoringConfig
 from unifilter_core.scoring.samples import (
@@ -271,7 +272,7 @@ class DecodePool:
                     "decode worker %s on chunk %d of %s; retrying its samples one by one",
                     why,
                     chunk_index,
-                    Path(tar_path).name,
+                    base_name(tar_path),
                 )
                 self.terminate()
                 self.restarts += 1

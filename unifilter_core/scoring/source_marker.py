@@ -12,6 +12,8 @@ import json
 import os
 from pathlib import Path
 
+from unifilter_core import storage
+
 MARKER_NAME = ".source.json"
 
 
@@ -20,7 +22,12 @@ class SourceMismatchError(ValueError):
 
 
 def marker_path(out_dir: str | os.PathLike[str]) -> Path:
-    return Path(out_dir) / MARKER_NAME
+    return storage.join(out_dir, MARKER_NAME)
+
+
+def _input_name(input_dir: str | os.PathLike[str]) -> str:
+    """The input folder as recorded: resolved when local, the URL as given for a store prefix."""
+    return str(input_dir) if storage.is_url(input_dir) else str(Path(input_dir).resolve())
 
 
 def _read(marker: Path) -> dict[str, str]:
@@ -57,15 +64,15 @@ def check_source_marker(
     if not marker.is_file():
         return
     doc = _read(marker)
-    here = str(Path(input_dir).resolve())
+    here = _input_name(input_dir)
     if doc["input"] != here:
         raise SourceMismatchError(
-            f"score folder {Path(out_dir)} holds tables of input {doc['input']} (source "
+            f"score folder {out_dir} holds tables of input {doc['input']} (source "
             f"{doc.get('source')!r}), not of {here}: {hint}"
         )
     if doc.get("source") != source:
         raise SourceMismatchError(
-            f"score folder {Path(out_dir)} holds tables of source {doc.get('source')!r}, not {source!r}: {hint}"
+            f"score folder {out_dir} holds tables of source {doc.get('source')!r}, not {source!r}: {hint}"
         )
 
 
@@ -78,5 +85,9 @@ def write_source_marker(
     marker = marker_path(out_dir)
     if marker.is_file():
         return
+    doc = {"source": source, "input": _input_name(input_dir)}
+    if storage.is_url(marker):
+        storage.write_text(marker, json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        return
     marker.parent.mkdir(parents=True, exist_ok=True)
-    write_manifest_json(marker, {"source": source, "input": str(Path(input_dir).resolve())})
+    write_manifest_json(marker, doc)

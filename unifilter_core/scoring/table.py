@@ -34,6 +34,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from unifilter_core import storage
 from unifilter_core.data.text import escape_unencodable
 from unifilter_core.data.writer import exclusive_lock
 from unifilter_core.fileio import commit_temp
@@ -117,14 +118,14 @@ def _row_fields(row: ScoreRow) -> tuple[str, str | None, str | None, str | None]
 
 def table_paths(out_dir: str | os.PathLike[str], tar_path: str | os.PathLike[str]) -> tuple[Path, Path]:
     """``(<out_dir>/<stem>.parquet, <out_dir>/<stem>.manifest.json)`` for a tar ``<stem>.tar``."""
-    stem = Path(tar_path).name.split(".")[0]
-    out = Path(out_dir)
+    stem = storage.location(tar_path).name.split(".")[0]
+    out = storage.location(out_dir)
     return out / f"{stem}.parquet", out / f"{stem}.manifest.json"
 
 
 def manifest_path_for(parquet_path: str | os.PathLike[str]) -> Path:
     """The manifest sidecar of a score table: ``00000042.parquet`` -> ``00000042.manifest.json``."""
-    path = Path(parquet_path)
+    path = storage.location(parquet_path)
     return path.with_name(path.name.split(".")[0] + ".manifest.json")
 
 
@@ -360,8 +361,7 @@ class Counts:
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The manifest at ``path``, or None when it is missing or unreadable (then the tar is rescored)."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
+        data = json.loads(storage.read_text(path))
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
@@ -371,7 +371,11 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 
 def write_manifest(path: str | os.PathLike[str], manifest: dict[str, Any]) -> None:
-    """Write a manifest atomically (pretty-printed JSON, sorted keys) through a ``.tmp-`` temporary file."""
+    """Write a manifest atomically (pretty-printed JSON, sorted keys) through a ``.tmp-`` temporary file (on a
+    store: one put, which is atomic per object)."""
+    if storage.is_url(path):
+        storage.write_text(path, json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+        return
     final = Path(path)
     tmp = _temp_name(final)
     try:
@@ -386,8 +390,9 @@ def write_manifest(path: str | os.PathLike[str], manifest: dict[str, Any]) -> No
 
 
 def is_complete(parquet_path: str | os.PathLike[str], key: ManifestKey) -> bool:
-    """True when the table and its manifest both exist and the manifest names the same inputs."""
-    parquet = Path(parquet_path)
+    """True when the table and its manifest both exist and the manifest names the same inputs (and, when it
+    records one, the table's byte count: a manifest never vouches for other data). Local or on a store."""
+    parquet = storage.location(parquet_path)
     if not parquet.is_file():
         return False
     manifest = read_manifest(manifest_path_for(parquet))
