@@ -20,7 +20,6 @@ Dagster's own start-up is inside both figures (in-process ``materialize``, ephem
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import statistics
 import sys
@@ -30,18 +29,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
-
-def _noise_jpeg(seed: int, side: int) -> bytes:
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(
-        buf, format="JPEG", quality=90
-    )
-    return buf.getvalue()
 
 
 def main() -> None:
@@ -54,7 +41,7 @@ def main() -> None:
     import dagster as dg
 
     from tests.reliability.conftest import make_resources, materialize
-    from tests.tarfixtures import caption_members, write_tar
+    from tests.tarfixtures import caption_members, noise_jpeg, write_tar
     from unifilter_core.modeling import init_checkpoint
     from unifilter_core.tokenization import train_bpe_tokenizer
     from unifilter_dagster.assets.tars import scores, tar_manifest
@@ -64,7 +51,7 @@ def main() -> None:
     texts = [f"a photo of thing number {i} on a table" for i in range(args.samples)]
     members = []
     for i, text in enumerate(texts):
-        members += caption_members(f"{i:09d}", image=_noise_jpeg(i, args.side), text=text)
+        members += caption_members(f"{i:09d}", image=noise_jpeg(args.side, seed=i), text=text)
     tar = write_tar(root / "sources/cap/00000000.tar", members)
     tokenizer = train_bpe_tokenizer(texts, work / "tok", vocab_size=512)
     ckpt = Path(init_checkpoint("world", work / "ckpt", tokenizer_dir=tokenizer, seed=0))

@@ -74,6 +74,16 @@ def png_bytes(size: tuple[int, int] = (32, 24), mode: str = "RGB") -> bytes:
     return image_bytes("PNG", size, mode)
 
 
+def noise_jpeg(side: int = 256, seed: int = 0, quality: int = 90) -> bytes:
+    """A square JPEG of random pixels (about 30 KB at 256 px): realistic decode cost for benchmarks."""
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8), "RGB").save(
+        buf, "JPEG", quality=quality
+    )
+    return buf.getvalue()
+
+
 def noise_png(size: tuple[int, int] = (64, 64), seed: int = 0) -> bytes:
     """A PNG of random pixels (it does not compress, so cutting it really removes pixel data)."""
     rng = np.random.default_rng(seed)

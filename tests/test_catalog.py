@@ -324,6 +324,7 @@ def _worker(root: str, source: str, n_tars: int) -> None:
     cat.compute_threshold(source=source, keep_fraction=0.5)
 
 
+@pytest.mark.slow
 def test_concurrent_writer_processes(tmp_path: Path) -> None:
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_worker, args=(str(tmp_path), f"src{i}", 3)) for i in range(6)]

@@ -158,3 +158,51 @@ def test_stale_temp_files_of_a_killed_writer_are_removed(tmp_path):
     os.utime(other, (hour_ago, hour_ago))
     assert remove_stale_temp_files(out) == 1
     assert not old.exists() and fresh.exists() and other.exists()
+
+
+def _scored_source(root: Path, uids: list[str]) -> tuple[Path, list[str]]:
+    """A caption tar under ``root/sources/cap`` whose samples carry ``uids``, its score table (sample i scores
+    i / 10) and a chosen threshold of 0.25; returns the tar and the keys kept."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    members = []
+    keys = [f"{i:09d}" for i in range(len(uids))]
+    for key, uid in zip(keys, uids, strict=True):
+        members += tf.caption_members(key, meta={"uid": uid, "caption": "a red square", "key": key})
+    tar = tf.write_tar(root / "sources/cap/00000003.tar", members)
+    scores = [i / 10 for i in range(len(keys))]
+    table = pa.table({"key": keys, "uid": uids, "score": scores, "status": ["ok"] * len(keys)})
+    (root / "scores/cap").mkdir(parents=True)
+    pq.write_table(table, root / "scores/cap/00000003.parquet")
+    (root / "thresholds.json").write_text(json.dumps({"cap": {"threshold": 0.25}}))
+    return tar, [k for k, s in zip(keys, scores, strict=True) if s >= 0.25]
+
+
+def test_filtered_partition_writes_the_datacomp_subset_of_hex_uids(tmp_path: Path) -> None:
+    import numpy as np
+
+    from unifilter_core.partition_steps import TarSource, filter_partition
+
+    uids = [f"{i:032x}" for i in (5, 1, 9, 3, 7)]
+    tar, kept = _scored_source(tmp_path, uids)
+    result = filter_partition(tmp_path, TarSource("cap", "caption"), tar, "cap_0003", tables=tmp_path)
+    assert result["kept"] == len(kept) == 2
+    subset = np.load(result["datacomp_subset"], allow_pickle=False)
+    assert subset.dtype == np.dtype("u8,u8")
+    assert [int(lo) for _, lo in subset.tolist()] == [3, 7]  # the kept samples (4th, 5th) uids, sorted
+    manifest = json.loads((tmp_path / "filtered/cap/00000003.manifest.json").read_text())
+    assert manifest["datacomp_subset"] == result["datacomp_subset"]
+
+
+def test_filtered_partition_with_other_uids_skips_only_the_subset_file(tmp_path: Path) -> None:
+    """uids that are not DataComp's (LAION keys, ...) leave the filtered tar whole and say why no subset."""
+    from unifilter_core.partition_steps import TarSource, filter_partition
+
+    tar, kept = _scored_source(tmp_path, [f"laion-{i}" for i in range(5)])
+    result = filter_partition(tmp_path, TarSource("cap", "caption"), tar, "cap_0003", tables=tmp_path)
+    assert result["kept"] == len(kept) and "datacomp_subset" not in result
+    assert "not a 32-hex-digit DataComp uid" in result["datacomp_subset_skipped"]
+    filtered = wds.WebDataset(str(tmp_path / "filtered/cap/00000003.tar"), shardshuffle=False)
+    assert sorted(s["__key__"] for s in filtered) == kept
+    assert not list((tmp_path / "filtered/cap").glob("*.npy"))

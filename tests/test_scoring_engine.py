@@ -399,6 +399,7 @@ _KILL_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_sigkill_mid_tar_then_rerun(tmp_path: Path, scorer: Any, tiny_checkpoint: Path) -> None:
     tar = write_tar(tmp_path / "00000010.tar", caption_members(60))
     out_dir = tmp_path / "out"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,9 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from unifilter_core import paths
+from unifilter_core import paths, storage
 from unifilter_core.catalog import Catalog, TarRecord, ThresholdRow
 from unifilter_core.records import SAMPLE_KINDS, SampleKind
+from unifilter_core.storage import Location
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +46,8 @@ class TarSource:
     Attributes:
         name: source name, the partition-key prefix (``datacomp`` -> ``datacomp_0042``).
         kind: ``caption`` (DataComp/img2dataset layout) or ``interleaved`` (OBELICS layout).
-        path: the folder holding the tars; None = ``<data root>/sources/<name>``.
+        path: the folder holding the tars, or a store URL (``s3://bucket/shards``); None =
+            ``<data root>/sources/<name>``.
     """
 
     name: str
@@ -61,8 +64,11 @@ class TarSource:
                 f"source {self.name!r}: kind must be one of {', '.join(map(repr, SAMPLE_KINDS))}, got {self.kind!r}"
             )
 
-    def directory(self, root: Path) -> Path:
-        return Path(self.path).expanduser().resolve() if self.path else paths.sources_dir(root) / self.name
+    def directory(self, root: Path) -> Location:
+        if not self.path:
+            return paths.sources_dir(root) / self.name
+        folder = storage.location(self.path.rstrip("/") if storage.is_url(self.path) else self.path)
+        return folder if storage.is_url(folder) else folder.resolve()
 
 
 DEFAULT_SOURCES: tuple[TarSource, ...] = (
@@ -134,12 +140,21 @@ def resolve_partition(root: Path, sources: Sequence[TarSource], partition_key: s
     return spec, tar
 
 
-def score_table_path(root: Path, source: str, tar: Path) -> Path:
-    return paths.scores_dir(root, source) / f"{tar.name.split('.')[0]}.parquet"
+def tables_location(root: Path, tables: Location | None = None, catalog: Catalog | None = None) -> Location:
+    """Where score tables and filtered tars go: ``tables``, else the catalog's, else
+    :func:`unifilter_core.paths.tables_root` (``$UNIFILTER_TABLES`` or the data root)."""
+    if tables is not None:
+        return paths.tables_root(root, tables)
+    return catalog.tables if catalog is not None else paths.tables_root(root)
 
 
-def filtered_tar_path(root: Path, source: str, tar: Path) -> Path:
-    return paths.filtered_dir(root, source) / tar.name
+def score_table_path(tables: Location, source: str, tar: Location) -> Location:
+    """``<tables>/scores/<source>/<stem>.parquet`` (``tables``: the data root or a store URL)."""
+    return paths.scores_dir(tables, source) / f"{tar.name.split('.')[0]}.parquet"
+
+
+def filtered_tar_path(tables: Location, source: str, tar: Location) -> Location:
+    return paths.filtered_dir(tables, source) / tar.name
 
 
 def score_partition(
@@ -154,8 +169,11 @@ def score_partition(
     progress: bool = False,
     force: bool = False,
     request_key: str | None = None,
+    tables: Location | None = None,
 ) -> dict[str, Any]:
     """Score one tar into its score table (skipped when up to date) and record its statistics.
+
+    The table goes to ``<tables>/scores/<source>/`` (:func:`tables_location`: local or a store URL).
 
     ``request_key`` (:func:`unifilter_core.scoring.resume.request_key`) is recorded in the manifest, so the
     next identical request is answered by :func:`resume_partition` without the model.
@@ -172,7 +190,7 @@ def score_partition(
     from unifilter_core.scoring import score_tar
     from unifilter_core.scoring.source_marker import check_source_marker, write_source_marker
 
-    out = score_table_path(root, spec.name, tar)
+    out = score_table_path(tables_location(root, tables, catalog), spec.name, tar)
     hint = "move or delete that score folder, or give this source another name"
     check_source_marker(out.parent, spec.name, tar.parent, hint=hint)
     write_source_marker(out.parent, spec.name, tar.parent)
@@ -195,11 +213,14 @@ def score_partition(
     return result
 
 
-def partition_is_resumable(root: Path, spec: TarSource, tar: Path, request_key: str) -> bool:
+def partition_is_resumable(
+    root: Path, spec: TarSource, tar: Location, request_key: str, *, tables: Location | None = None
+) -> bool:
     """Whether the tar's table records ``request_key`` (see :func:`resume_partition`); reads only the manifest."""
     from unifilter_core.scoring.resume import resumable_manifest
 
-    return resumable_manifest(score_table_path(root, spec.name, tar), request_key) is not None
+    table = score_table_path(tables_location(root, tables), spec.name, tar)
+    return resumable_manifest(table, request_key) is not None
 
 
 def resume_partition(
@@ -210,6 +231,7 @@ def resume_partition(
     request_key: str,
     *,
     catalog: Catalog | None = None,
+    tables: Location | None = None,
 ) -> dict[str, Any] | None:
     """What :func:`score_partition` returns for an up-to-date table, found from its manifest alone; else None.
 
@@ -222,7 +244,7 @@ def resume_partition(
     from unifilter_core.scoring.source_marker import check_source_marker
     from unifilter_core.scoring.summary import summary_from_manifest
 
-    out = score_table_path(root, spec.name, tar)
+    out = score_table_path(tables_location(root, tables, catalog), spec.name, tar)
     if resumable_manifest(out, request_key) is None:
         return None
     hint = "move or delete that score folder, or give this source another name"
@@ -284,11 +306,12 @@ def read_thresholds(root: Path) -> dict[str, dict[str, Any]]:
     return json.loads(path.read_text())
 
 
-def kept_keys(table: Path, threshold: float) -> tuple[set[str], list[str]]:
+def kept_keys(table: Location, threshold: float) -> tuple[set[str], list[str]]:
     """Keys of the ok rows of a score table with ``score >= threshold``, and the uids among them."""
     import pyarrow.parquet as pq
 
-    cols = pq.read_table(table, columns=["key", "uid", "score", "status"]).to_pydict()
+    with storage.location(table).open("rb") as handle:
+        cols = pq.read_table(handle, columns=["key", "uid", "score", "status"]).to_pydict()
     keep: set[str] = set()
     uids: list[str] = []
     for key, uid, score, status in zip(cols["key"], cols["uid"], cols["score"], cols["status"], strict=True):
@@ -321,26 +344,65 @@ def write_npy_atomic(path: Path, array: np.ndarray) -> None:
         np.save(fh, array, allow_pickle=False)
 
 
-def filter_partition(root: Path, spec: TarSource, tar: Path, partition_key: str) -> dict[str, Any]:
+def filter_partition(
+    root: Path, spec: TarSource, tar: Location, partition_key: str, *, tables: Location | None = None
+) -> dict[str, Any]:
     """Write the kept samples of one tar (score >= its source's chosen threshold) as a webdataset tar.
 
     Also writes ``<stem>.manifest.json`` and, for caption sources whose samples carry DataComp uids,
-    ``<stem>.uids.npy`` in the DataComp resharder's subset format.
+    ``<stem>.uids.npy`` in the DataComp resharder's subset format. Under a store URL
+    (:func:`tables_location`) the files are written to a local staging folder and published with the manifest
+    last (:func:`unifilter_core.storage.publish`): a reader trusts a filtered tar only with its manifest.
 
     Raises:
         MissingInput: no threshold chosen for the source, or no score table for the tar.
     """
-    from unifilter_core.data import write_filtered_tar, write_manifest_json
+    from unifilter_core.data import write_manifest_json
 
     thresholds = read_thresholds(root)
     if spec.name not in thresholds:
         raise MissingInput(f"no threshold chosen for source {spec.name!r}", needs="thresholds")
     threshold = float(thresholds[spec.name]["threshold"])
-    table = score_table_path(root, spec.name, tar)
+    where = tables_location(root, tables)
+    table = score_table_path(where, spec.name, tar)
     if not table.is_file():
         raise MissingInput(f"partition {partition_key!r} has no score table {table}", needs="scores")
     keep, uids = kept_keys(table, threshold)
-    out = filtered_tar_path(root, spec.name, tar)
+    final = filtered_tar_path(where, spec.name, tar)
+    if storage.is_url(final):
+        with tempfile.TemporaryDirectory(prefix="unifilter-stage-") as stage:
+            result = _write_filtered(
+                spec, tar, partition_key, threshold, keep, uids, Path(stage) / final.name
+            )
+            staged = [
+                Path(stage) / Path(p).name for p in (result["path"], result.get("datacomp_subset")) if p
+            ]
+            result = {**result, "path": str(final)}
+            if "datacomp_subset" in result:
+                result["datacomp_subset"] = str(final.parent / Path(result["datacomp_subset"]).name)
+            manifest = Path(stage) / f"{tar.name.split('.')[0]}.manifest.json"
+            write_manifest_json(manifest, result)
+            storage.publish(
+                [(p, final.parent / p.name) for p in staged], (manifest, final.parent / manifest.name)
+            )
+        return result
+    result = _write_filtered(spec, tar, partition_key, threshold, keep, uids, final)
+    write_manifest_json(final.parent / f"{tar.name.split('.')[0]}.manifest.json", result)
+    return result
+
+
+def _write_filtered(
+    spec: TarSource,
+    tar: Location,
+    partition_key: str,
+    threshold: float,
+    keep: set[str],
+    uids: list[str],
+    out: Path,
+) -> dict[str, Any]:
+    """The filtered tar (and DataComp subset) of one tar at local path ``out``; returns the manifest's body."""
+    from unifilter_core.data import write_filtered_tar
+
     summary = write_filtered_tar(tar, keep, out)
     stem = tar.name.split(".")[0]
     result: dict[str, Any] = {
@@ -354,8 +416,13 @@ def filter_partition(root: Path, spec: TarSource, tar: Path, partition_key: str)
         **{k: v for k, v in summary.to_dict().items() if k not in ("kept", "dropped", "unsafe")},
     }
     if spec.kind == "caption" and uids:
-        subset = out.parent / f"{stem}.uids.npy"
-        write_npy_atomic(subset, uids_to_datacomp_subset(uids))
-        result["datacomp_subset"] = str(subset)
-    write_manifest_json(out.parent / f"{stem}.manifest.json", result)
+        try:
+            array = uids_to_datacomp_subset(uids)
+        except ValueError as exc:  # uids of another dataset (LAION keys, ...): the filtered tar is still good
+            result["datacomp_subset_skipped"] = str(exc)
+            logger.info("%s: no DataComp subset file: %s", partition_key, exc)
+        else:
+            subset = out.parent / f"{stem}.uids.npy"
+            write_npy_atomic(subset, array)
+            result["datacomp_subset"] = str(subset)
     return result

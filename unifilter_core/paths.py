@@ -42,6 +42,22 @@ def filtered_dir(root: Path, source: str) -> Path:
     return root / "filtered" / source
 
 
+def tables_root(root: Path, override: str | os.PathLike[str] | None = None) -> Any:
+    """Where ``scores/`` and ``filtered/`` live: ``override``, else ``$UNIFILTER_TABLES``, else the data root.
+
+    A store URL (``s3://bucket/unifilter``) keeps score tables, manifests and filtered tars on object storage
+    while the catalog and everything else stay in the (local) data root. Returns a :class:`~pathlib.Path` or a
+    :class:`upath.UPath`.
+    """
+    from unifilter_core import storage
+
+    chosen = override if override not in (None, "") else os.environ.get("UNIFILTER_TABLES") or None
+    if chosen is None:
+        return root
+    loc = storage.location(str(chosen).rstrip("/"))
+    return loc if storage.is_url(loc) else loc.resolve()
+
+
 def catalog_path(root: Path) -> Path:
     return root / "unifilter.duckdb"
 

@@ -25,7 +25,10 @@ class SourceConfig(dg.Config):
 
     name: str = Field(description="source name, the partition-key prefix (datacomp -> datacomp_0042)")
     kind: str = Field(description="caption (DataComp) or interleaved (OBELICS)")
-    path: str | None = Field(default=None, description="folder of tars; default <data root>/sources/<name>")
+    path: str | None = Field(
+        default=None,
+        description="folder of tars or a store URL (s3://bucket/shards); default <data root>/sources/<name>",
+    )
 
 
 class WorldSettings(dg.Config):
@@ -68,10 +71,20 @@ class UniFilterHome(dg.ConfigurableResource):
         description="inputs come from the embedded world (written when missing); False = real data only",
     )
     world: WorldSettings = Field(default_factory=WorldSettings)
+    tables: str | None = Field(
+        default=None,
+        description="where scores/ and filtered/ live: a folder or a store URL (s3://bucket/unifilter); "
+        "default $UNIFILTER_TABLES, else the data root. Credentials come from the AWS_* environment only",
+    )
 
     @property
     def root_path(self) -> Path:
         return Path(self.root).expanduser().resolve()
+
+    @property
+    def tables_location(self) -> Any:
+        """The folder or store location (``upath.UPath``) of ``scores/`` and ``filtered/``."""
+        return paths.tables_root(self.root_path, self.tables)
 
     def source_specs(self) -> list[TarSource]:
         return [TarSource(s.name, s.kind, s.path) for s in self.sources]
@@ -79,7 +92,7 @@ class UniFilterHome(dg.ConfigurableResource):
     def catalog(self, duckdb: DuckDBResource) -> Any:
         from unifilter_core.catalog import Catalog
 
-        return Catalog(duckdb.database, root=self.root_path)
+        return Catalog(duckdb.database, root=self.root_path, tables=self.tables_location)
 
 
 class ClaudeResource(dg.ConfigurableResource):

@@ -117,6 +117,7 @@ print("RESUMED" if summary.resumed else "SCORED", summary.rows, flush=True)
 """
 
 
+@pytest.mark.slow
 def test_two_runs_scoring_the_same_tar_into_one_folder(tmp_path: Path, rel_ckpt: Path, run_child) -> None:
     """The second run waits for the first (it once deleted the first's live temp file), then skips the tar."""
     tar = write_caption_tar(tmp_path / "src" / "00000001.tar", n=30)
@@ -155,6 +156,7 @@ print("DONE", summary.kept, flush=True)
 """
 
 
+@pytest.mark.slow
 def test_two_filtered_writers_of_one_output(tmp_path: Path, run_child) -> None:
     """A writer whose temp file looks old (a slow source) is never cleaned away by a second writer."""
     from unifilter_core.data import write_filtered_tar

@@ -126,6 +126,7 @@ def _big_tar(path: Path, n: int = 120) -> Path:
     return write_tar(path, members)
 
 
+@pytest.mark.slow
 def test_filtered_writer_killed_mid_write_reruns_byte_identical(tmp_path: Path, run_child) -> None:
     from unifilter_core.data import write_filtered_tar
 

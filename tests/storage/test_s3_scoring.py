@@ -171,33 +171,34 @@ def test_sigkill_mid_tar_leaves_no_table_without_manifest_and_rerun_equals_clean
 ) -> None:
     folder = tmp_path / "shards"
     write_tar(folder / "00000000.tar", caption_members(2, seed=0))
-    write_tar(folder / "00000001.tar", caption_members(300, seed=1))
+    write_tar(folder / "00000001.tar", caption_members(2000, seed=1))
     write_tar(folder / "00000002.tar", caption_members(2, seed=2))
     url = _upload_shards(bucket, folder)
     args = ["--model-path", str(tiny_checkpoint), "--tar-file-path", url, "--output-dir",
             f"s3://{bucket}/scores", "--root", str(tmp_path / "home"), "--batch-size", "1",
             "--num-workers", "0", "--device", "cpu", "--no-progress"]  # fmt: skip
+    child_tmp = tmp_path / "child_tmp"  # the child's staging folders land here
+    child_tmp.mkdir()
     child = subprocess.Popen(
         [sys.executable, "-c", _KILL_SCRIPT, *args],
-        env=child_env(s3_env),
+        env={**child_env(s3_env), "TMPDIR": str(child_tmp)},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         cwd=Path(__file__).resolve().parents[2],
     )
-    fs = _fs()
     deadline = time.monotonic() + 180
-    try:
-        while not fs.exists(f"{bucket}/scores/00000000.manifest.json"):
+    try:  # kill once tar 1's table is being written in the staging folder
+        while not list(child_tmp.glob("unifilter-stage-*/.00000001.parquet.tmp-*")):
             assert child.poll() is None, child.stdout.read().decode() if child.stdout else ""
-            assert time.monotonic() < deadline, "the first tar was never committed"
-            time.sleep(0.05)
-            fs.invalidate_cache()
-        time.sleep(1.0)  # well into the 300 samples of tar 1 (batch size 1)
-        assert child.poll() is None, "the run ended before it could be killed mid-tar"
+            assert time.monotonic() < deadline, "tar 1 never started"
+            time.sleep(0.01)
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait()
-    assert _committed_only(bucket) == {"00000000.parquet"}  # tar 1 was mid-way: nothing of it is visible
+    assert list(child_tmp.glob("unifilter-stage-*/.00000001.parquet.tmp-*"))  # it died mid-tar
+    assert _committed_only(bucket) == {"00000000.parquet"}  # nothing of tar 1 is visible, tar 0 is whole
+    fs = _fs()
+    assert not [n for n in fs.ls(f"{bucket}/scores") if "00000001" in n or "00000002" in n]
 
     assert main(["score", "caption", *args]) == 0
     assert main(["score", "caption", *[a if a != f"s3://{bucket}/scores" else f"s3://{bucket}/clean"

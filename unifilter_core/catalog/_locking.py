@@ -109,7 +109,13 @@ def _retrying(op: Callable[[], T], *, what: str, timeout: float) -> T:
             delay = min(delay * 2, 0.5)
 
 
-def run_write(db_path: Path, work: Callable[[duckdb.DuckDBPyConnection], T], *, timeout: float) -> T:
+def run_write(
+    db_path: Path,
+    work: Callable[[duckdb.DuckDBPyConnection], T],
+    *,
+    timeout: float,
+    setup: Callable[[duckdb.DuckDBPyConnection], None] | None = None,
+) -> T:
     """Run ``work(conn)`` in one write transaction under the exclusive catalog lock.
 
     The whole transaction is retried on transient DuckDB errors (it was rolled back, so a retry is safe).
@@ -118,11 +124,14 @@ def run_write(db_path: Path, work: Callable[[duckdb.DuckDBPyConnection], T], *, 
         db_path: the DuckDB file.
         work: does the statements; must not commit or open other catalog connections.
         timeout: seconds to wait for the lock and for DuckDB's file lock together.
+        setup: called on the new connection first (e.g. to register the store the score tables live on).
     """
 
     def attempt() -> T:
         conn = duckdb.connect(str(db_path))
         try:
+            if setup is not None:
+                setup(conn)
             conn.execute("BEGIN TRANSACTION")
             try:
                 result = work(conn)
@@ -139,12 +148,21 @@ def run_write(db_path: Path, work: Callable[[duckdb.DuckDBPyConnection], T], *, 
         return _retrying(attempt, what=f"write {db_path.name}", timeout=timeout)
 
 
-def run_read(db_path: Path, work: Callable[[duckdb.DuckDBPyConnection], T], *, timeout: float) -> T:
-    """Run ``work(conn)`` on a short-lived read-only connection under the shared catalog lock."""
+def run_read(
+    db_path: Path,
+    work: Callable[[duckdb.DuckDBPyConnection], T],
+    *,
+    timeout: float,
+    setup: Callable[[duckdb.DuckDBPyConnection], None] | None = None,
+) -> T:
+    """Run ``work(conn)`` on a short-lived read-only connection under the shared catalog lock (``setup`` as in
+    :func:`run_write`)."""
 
     def attempt() -> T:
         conn = duckdb.connect(str(db_path), read_only=True)
         try:
+            if setup is not None:
+                setup(conn)
             return work(conn)
         finally:
             conn.close()

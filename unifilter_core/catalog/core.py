@@ -13,6 +13,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from unifilter_core import storage
 from unifilter_core.catalog import schema
 from unifilter_core.catalog._locking import run_read, run_write
 from unifilter_core.catalog.ledger import LEDGER_FIELDS, parse_ledger
@@ -23,7 +24,7 @@ from unifilter_core.catalog.thresholds import (
     query_thresholds,
     validate_selection,
 )
-from unifilter_core.paths import catalog_path, data_root
+from unifilter_core.paths import catalog_path, data_root, tables_root
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +40,11 @@ class Catalog:
 
     Args:
         path: the DuckDB file; default ``<root>/unifilter.duckdb``.
-        root: the data root (score parquet live under ``<root>/scores``); default the parent of ``path`` when
-            ``path`` is given, else :func:`unifilter_core.paths.data_root`.
+        root: the data root; default the parent of ``path`` when ``path`` is given, else
+            :func:`unifilter_core.paths.data_root`.
+        tables: where ``scores/`` lives when not in the data root: a folder or a store URL
+            (``s3://bucket/unifilter``); default :func:`unifilter_core.paths.tables_root` (``$UNIFILTER_TABLES``
+            or the data root). Store tables are read through fsspec; the DuckDB file itself stays local.
         create: create the file and schema when missing; when False a missing catalog raises.
         lock_timeout: seconds to wait for another process's write before raising ``CatalogBusyError``.
 
@@ -54,6 +58,7 @@ class Catalog:
         path: str | Path | None = None,
         *,
         root: str | Path | None = None,
+        tables: Any = None,
         create: bool = True,
         lock_timeout: float = 300.0,
     ) -> None:
@@ -64,10 +69,10 @@ class Catalog:
         else:
             self.root = data_root()
         self.path = Path(path).expanduser().resolve() if path is not None else catalog_path(self.root)
-        if _GLOB_SPECIALS & set(str(self.root)):
-            raise ValueError(
-                f"data root {self.root} contains glob characters {''.join(sorted(_GLOB_SPECIALS))}"
-            )
+        self.tables = tables_root(self.root, tables)
+        for what, where in (("data root", self.root), ("tables root", self.tables)):
+            if _GLOB_SPECIALS & set(str(where)):
+                raise ValueError(f"{what} {where} contains glob characters {''.join(sorted(_GLOB_SPECIALS))}")
         self.lock_timeout = float(lock_timeout)
         if not self.path.exists():
             if not create:
@@ -80,24 +85,33 @@ class Catalog:
             self.ensure_schema()
 
     def __repr__(self) -> str:
-        return f"Catalog({str(self.path)!r}, root={str(self.root)!r})"
+        return f"Catalog({str(self.path)!r}, root={str(self.root)!r}, tables={str(self.tables)!r})"
 
     # -- plumbing -------------------------------------------------------------------------------------------
 
+    def _attach(self, conn: duckdb.DuckDBPyConnection) -> None:
+        schema.attach_store(conn, self.tables)
+
     def _write(self, work: Any) -> Any:
-        return run_write(self.path, work, timeout=self.lock_timeout)
+        return run_write(self.path, work, timeout=self.lock_timeout, setup=self._attach)
 
     def _read(self, work: Any) -> Any:
-        return run_read(self.path, work, timeout=self.lock_timeout)
+        return run_read(self.path, work, timeout=self.lock_timeout, setup=self._attach)
+
+    def connect_parquet(self) -> duckdb.DuckDBPyConnection:
+        """An in-memory DuckDB connection that can read the score tables (store included); the caller closes it."""
+        conn = duckdb.connect(":memory:")
+        self._attach(conn)
+        return conn
 
     @property
     def scores_glob(self) -> str:
-        """``<root>/scores/*/*.parquet``: every score table."""
-        return schema.scores_glob(self.root)
+        """``<tables>/scores/*/*.parquet``: every score table."""
+        return schema.scores_glob(self.tables)
 
     def ensure_schema(self) -> int:
         """Create or upgrade the schema (idempotent); returns the version found before."""
-        return self._write(lambda conn: schema.migrate(conn, self.root))
+        return self._write(lambda conn: schema.migrate(conn, self.tables))
 
     def refresh_scores_view(self) -> schema.ScoreFiles:
         """Rebuild the ``scores`` view from the score parquet present now (empty view when there is none).
@@ -105,11 +119,12 @@ class Catalog:
         Returns:
             The files read, with those left out of the view because their footer does not read (warned).
         """
-        return self._write(lambda conn: schema.create_scores_view(conn, self.root))
+        return self._write(lambda conn: schema.create_scores_view(conn, self.tables))
 
     def score_files(self) -> schema.ScoreFiles:
-        """The score parquet under the data root, split into readable and unreadable ones (footers only)."""
-        return schema.scan_score_files(self.root)
+        """The score tables, split into readable and unreadable ones (footers only); on a store only the
+        committed ones (manifest present)."""
+        return schema.scan_score_files(self.tables)
 
     # -- tar registry ---------------------------------------------------------------------------------------
 
@@ -243,7 +258,7 @@ class Catalog:
             conn.execute("DELETE FROM score_stats WHERE partition_key = ?", [partition_key])
             conn.execute(sql, params)
             if update_view:
-                schema.refresh_view_if_needed(conn, self.root, stats.score_path)
+                schema.refresh_view_if_needed(conn, self.tables, stats.score_path)
 
         self._write(work)
         return stats
@@ -267,7 +282,7 @@ class Catalog:
             conn.execute("DELETE FROM lineage WHERE partition_key = ?", [partition_key])
             if not keep_registry:
                 conn.execute("DELETE FROM tars WHERE partition_key = ?", [partition_key])
-            schema.refresh_view_if_needed(conn, self.root, None)
+            schema.refresh_view_if_needed(conn, self.tables, None)
 
         self._write(work)
 
@@ -327,7 +342,7 @@ class Catalog:
         rows: list[ThresholdRow] = []
         files = files if files is not None else self.score_files()
         if files.good:
-            conn = duckdb.connect(":memory:")  # parquet only: no catalog lock needed
+            conn = self.connect_parquet()  # parquet only: no catalog lock needed
             try:
                 rows = query_thresholds(
                     conn, files.good, mode, value, source=source, model_fingerprint=model_fingerprint
@@ -412,8 +427,8 @@ class Catalog:
                 lambda conn: conn.execute("SELECT score_path, epoch(updated_at) FROM score_stats").fetchall()
             )
         )
-        for p in map(Path, files.good):
-            rp = str(p.resolve())
+        for p in map(storage.location, files.good):
+            rp = str(p) if storage.is_url(p) else str(p.resolve())
             if rp in have and have[rp] >= p.stat().st_mtime:
                 continue
             try:
@@ -453,4 +468,4 @@ class Catalog:
     def _names_unreadable_table(self, exc: duckdb.Error) -> bool:
         """True when the error names a score parquet under this root (the view is then rebuilt without it)."""
         text = str(exc)
-        return str(self.root / "scores") in text and ".parquet" in text
+        return str(self.tables / "scores") in text and ".parquet" in text

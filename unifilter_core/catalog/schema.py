@@ -10,9 +10,11 @@ import json
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
+from typing import Any
 
 import duckdb
+
+from unifilter_core import storage
 
 logger = logging.getLogger(__name__)
 
@@ -156,9 +158,40 @@ GROUP BY t.source;
 """
 
 
-def scores_glob(root: Path) -> str:
-    """The glob of every score parquet under the data root: ``<root>/scores/*/*.parquet``."""
-    return str(Path(root) / "scores" / "*" / "*.parquet")
+def scores_glob(tables: Any) -> str:
+    """The glob of every score parquet: ``<tables>/scores/*/*.parquet`` (``tables``: the data root, or the
+    store URL of :func:`unifilter_core.paths.tables_root`)."""
+    return str(storage.join(tables, "scores") / "*" / "*.parquet")
+
+
+def attach_store(conn: duckdb.DuckDBPyConnection, tables: Any) -> None:
+    """Let ``conn`` read score tables on a store: DuckDB reads ``s3://...`` through the fsspec filesystem
+    (registered on this connection only; no DuckDB extension is needed or downloaded). Nothing for a local
+    root."""
+    if storage.is_url(tables):
+        fs = storage.location(tables).fs
+        if not conn.filesystem_is_registered(fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]):
+            conn.register_filesystem(fs)
+
+
+def score_table_files(tables: Any) -> list[Any]:
+    """The score tables under ``<tables>/scores/<source>/``, sorted.
+
+    On local disk every ``*.parquet`` (tables appear by rename: present means complete). On a store only the
+    committed ones: a table counts once its manifest (``<stem>.manifest.json``, written last) is listed beside
+    it, so a run killed between the two uploads never shows a table (see :func:`unifilter_core.storage.publish`).
+    """
+    scores = storage.join(tables, "scores")
+    if not storage.is_url(scores):
+        return sorted(scores.glob("*/*.parquet"))
+    storage.forget_listings(scores)
+    if not scores.exists():
+        return []
+    entries = {str(p) for p in scores.glob("*/*")}
+    committed = [
+        p for p in entries if p.endswith(".parquet") and p.rsplit(".", 1)[0] + ".manifest.json" in entries
+    ]
+    return [storage.location(p) for p in sorted(committed)]
 
 
 def sql_string_literal(value: str) -> str:
@@ -184,15 +217,17 @@ class ScoreFiles:
     columns: set[str] = field(default_factory=set)
 
 
-def scan_score_files(root: Path) -> ScoreFiles:
-    """Read the footer of every ``<root>/scores/*/*.parquet`` (not its data): good files, bad ones, columns."""
+def scan_score_files(tables: Any) -> ScoreFiles:
+    """Read the footer of every score table (:func:`score_table_files`; not its data): good files, bad ones,
+    columns."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     found = ScoreFiles()
-    for path in sorted((Path(root) / "scores").glob("*/*.parquet")):
+    for path in score_table_files(tables):
         try:
-            names = pq.read_schema(path).names
+            with path.open("rb") as handle:
+                names = pq.read_schema(handle).names
         except (OSError, pa.ArrowException) as exc:
             why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             logger.warning("score table %s is not readable parquet, left out: %s", path, why)
@@ -203,12 +238,13 @@ def scan_score_files(root: Path) -> ScoreFiles:
     return found
 
 
-def create_scores_view(conn: duckdb.DuckDBPyConnection, root: Path) -> ScoreFiles:
+def create_scores_view(conn: duckdb.DuckDBPyConnection, root: Any) -> ScoreFiles:
     """(Re)create the ``scores`` view over the score parquet, or empty with the same columns.
 
     DuckDB views cannot hold bound parameters, so the source is a quoted literal built only from the data root:
     the glob when every file's footer reads, else the list of good files (a corrupt table is left out with a
-    warning instead of failing every query). A column no score file has yet reads as NULL, so the view always
+    warning instead of failing every query). On a store the list of committed tables is always used (a glob
+    would also match a table whose manifest is not written yet). A column no score file has yet reads as NULL, so the view always
     has :data:`SCORE_COLUMNS`. The view's comment records the columns read from files and the files left out,
     so updates can skip needless rebuilds.
 
@@ -221,7 +257,7 @@ def create_scores_view(conn: duckdb.DuckDBPyConnection, root: Path) -> ScoreFile
         f"CAST({name if name in present else 'NULL'} AS {typ}) AS {name}"
         for name, typ in SCORE_COLUMNS.items()
     )
-    if files.good and files.bad:
+    if files.good and (files.bad or storage.is_url(root)):
         listed = ", ".join(sql_string_literal(p) for p in files.good)
         src = f"read_parquet([{listed}], union_by_name = true)"
         conn.execute(f"CREATE OR REPLACE VIEW scores AS SELECT {cols} FROM {src}")
@@ -249,10 +285,13 @@ def _view_comment(conn: duckdb.DuckDBPyConnection) -> tuple[set[str], list[str]]
     return None
 
 
-def refresh_view_if_needed(conn: duckdb.DuckDBPyConnection, root: Path, new_parquet: str | None) -> None:
+def refresh_view_if_needed(conn: duckdb.DuckDBPyConnection, root: Any, new_parquet: str | None) -> None:
     """Keep the view in step cheaply: rebuild only when files appear/vanish, ``new_parquet`` brings columns
     the view does not read yet, or the view lists files one by one (some file was left out as unreadable)."""
     known = _view_comment(conn)
+    if storage.is_url(root):  # the view lists the committed tables one by one: rebuild it
+        create_scores_view(conn, root)
+        return
     has_files = any((root / "scores").glob("*/*.parquet"))
     if known is not None and not known[1] and has_files == bool(known[0]):
         in_view = known[0]
@@ -280,7 +319,7 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
-def migrate(conn: duckdb.DuckDBPyConnection, root: Path) -> int:
+def migrate(conn: duckdb.DuckDBPyConnection, root: Any) -> int:
     """Create or upgrade the schema inside the caller's transaction; returns the version found before.
 
     Raises:

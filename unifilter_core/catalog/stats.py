@@ -10,7 +10,8 @@ from pathlib import Path
 
 import duckdb
 
-from unifilter_core.catalog.schema import HIST_BINS, HIST_EDGES, HIST_HI, HIST_LO
+from unifilter_core import storage
+from unifilter_core.catalog.schema import HIST_BINS, HIST_EDGES, HIST_HI, HIST_LO, attach_store
 from unifilter_core.paths import shard_id
 
 logger = logging.getLogger(__name__)
@@ -82,12 +83,14 @@ def compute_score_stats(partition_key: str, parquet_path: str | Path) -> ScoreSt
     Raises:
         FileNotFoundError: the parquet does not exist.
     """
-    path = Path(parquet_path).resolve()
+    path = storage.location(parquet_path)
+    path = path if storage.is_url(path) else path.resolve()
     if not path.is_file():
         raise FileNotFoundError(f"score table {path} does not exist; score the tar first")
     p = str(path)
     conn = duckdb.connect(":memory:")
     try:
+        attach_store(conn, path)
         row = conn.execute(_AGG_SQL, [p]).fetchone()
         assert row is not None
         n_rows, n_ok, n_skip, n_err, mean, qs, mn, mx, fps, source = row
@@ -133,12 +136,13 @@ def table_identity(parquet_path: str | Path) -> tuple[str | None, str | None]:
     """
     import pyarrow.parquet as pq
 
-    path = Path(parquet_path)
-    pf = pq.ParquetFile(path)
-    wanted = [c for c in ("partition_key", "source") if c in pf.schema_arrow.names]
-    first: dict[str, object] = {}
-    if wanted and pf.metadata.num_row_groups and pf.metadata.row_group(0).num_rows:
-        first = pf.read_row_group(0, columns=wanted).slice(0, 1).to_pylist()[0]
+    path = storage.location(parquet_path)
+    with path.open("rb") as handle:
+        pf = pq.ParquetFile(handle)
+        wanted = [c for c in ("partition_key", "source") if c in pf.schema_arrow.names]
+        first: dict[str, object] = {}
+        if wanted and pf.metadata.num_row_groups and pf.metadata.row_group(0).num_rows:
+            first = pf.read_row_group(0, columns=wanted).slice(0, 1).to_pylist()[0]
     key, source = _text(first.get("partition_key")), _text(first.get("source"))
     if key:
         return key, source
@@ -162,7 +166,7 @@ def stats_key(parquet_path: str | Path) -> str | None:
     The key the table records (:func:`table_identity`), else ``<recorded source or folder name>_<NNNN>`` from
     the file name (tables written by hand); None, with a warning, when the file name has no tar id either.
     """
-    path = Path(parquet_path)
+    path = storage.location(parquet_path)
     key, source = table_identity(path)
     if key:
         return key

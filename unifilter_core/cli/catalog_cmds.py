@@ -54,12 +54,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_root(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", default=None, help="data root (default $UNIFILTER_HOME or ./.unifilter)")
+    p.add_argument(
+        "--tables",
+        default=None,
+        metavar="DIR_OR_URL",
+        help="where scores/ lives when not in the data root, e.g. s3://bucket/unifilter (default "
+        "$UNIFILTER_TABLES, else the data root)",
+    )
 
 
-def _open(root: str | None, *, create: bool) -> Catalog:
-    r = data_root(root)
+def _open(args: argparse.Namespace, *, create: bool) -> Catalog:
+    r = data_root(args.root)
     try:
-        return Catalog(catalog_path(r), root=r, create=create)
+        return Catalog(catalog_path(r), root=r, tables=args.tables, create=create)
     except FileNotFoundError:
         raise CLIError(
             f"no catalog at {catalog_path(r)}; run `unifilter demo`, materialize tar_manifest, "
@@ -76,7 +83,7 @@ def _cmd_thresholds(args: argparse.Namespace) -> int:
         validate_selection(args.keep, args.absolute)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
-    catalog = _open(args.root, create=False)
+    catalog = _open(args, create=False)
     files = catalog.score_files()
     _report_unreadable([f"{p}: {why}" for p, why in files.bad])
     try:
@@ -112,7 +119,7 @@ def _jsonable(v: Any) -> Any:
 
 
 def _cmd_sql(args: argparse.Namespace) -> int:
-    catalog = _open(args.root, create=False)
+    catalog = _open(args, create=False)
     try:
         cols, rows = catalog.query(args.query)
     except duckdb.Error as exc:
@@ -129,7 +136,7 @@ def _cmd_sql(args: argparse.Namespace) -> int:
 
 
 def _cmd_refresh(args: argparse.Namespace) -> int:
-    catalog = _open(args.root, create=True)
+    catalog = _open(args, create=True)
     try:
         done = catalog.refresh()
     except (duckdb.Error, CatalogBusyError) as exc:

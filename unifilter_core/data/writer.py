@@ -23,6 +23,7 @@ from typing import Any, BinaryIO
 
 from filelock import FileLock, Timeout
 
+from unifilter_core import storage
 from unifilter_core.data.limits import ReaderLimits
 from unifilter_core.data.tars import is_unsafe_member_name, iter_raw_samples, split_key
 from unifilter_core.fileio import atomic_file, atomic_write_bytes  # both also imported from here
@@ -187,7 +188,7 @@ def write_filtered_tar(
     The output is one file: a temporary file in ``out_path``'s folder, fsynced and renamed into place.
 
     Args:
-        src_tar: the source tar.
+        src_tar: the source tar (local, or a store URL read as a stream).
         keep_keys: the ``__key__`` values to keep.
         out_path: the tar file to write (its folder is created if needed).
         limits: reader limits (``max_member_bytes``); use the ones the scoring run used.
@@ -198,9 +199,9 @@ def write_filtered_tar(
     Raises:
         ValueError: when ``out_path`` is a directory or the source tar itself.
     """
-    src = Path(src_tar).resolve()
+    src = src_tar if storage.is_url(src_tar) else Path(src_tar).resolve()
     out = _check_destination(out_path)
-    if out == src:
+    if not storage.is_url(src) and out == src:
         raise ValueError(f"output {out} is the source tar; write the filtered tar elsewhere")
     summary = FilteredTarSummary()
     written: set[str] = set()
@@ -232,5 +233,5 @@ def write_filtered_tar(
             written.add(raw.key)
             summary.kept += 1
     summary.missing = len(keep_keys - seen)
-    logger.info("filtered %s -> %s: %s", src.name, out, summary)
+    logger.info("filtered %s -> %s: %s", src, out, summary)
     return summary

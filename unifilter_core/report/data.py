@@ -109,11 +109,6 @@ class SourceData:
         return self.status_counts.get("ok", 0)
 
 
-def has_scores(catalog: Catalog) -> bool:
-    """True when any score parquet exists under the data root."""
-    return any((catalog.root / "scores").glob("*/*.parquet"))
-
-
 def collect_sources(catalog: Catalog, config: WorkbenchConfig) -> list[SourceData]:
     """Per-source data for every source that has registered tars or score tables, by source name."""
     _, tar_rows = catalog.query(
@@ -127,10 +122,11 @@ def collect_sources(catalog: Catalog, config: WorkbenchConfig) -> list[SourceDat
     }
     status: dict[str, dict[str, int]] = {}
     reasons: dict[str, dict[str, int]] = {}
-    conn = duckdb.connect(":memory:")
+    conn = catalog.connect_parquet()
     try:
-        if has_scores(catalog):
-            conn.read_parquet(catalog.scores_glob, union_by_name=True).create_view("s")
+        files = catalog.score_files().good
+        if files:
+            conn.read_parquet(files, union_by_name=True).create_view("s")
             for src, st, reason, n in conn.execute(
                 "SELECT source, status, reason, count(*) FROM s GROUP BY ALL ORDER BY ALL"
             ).fetchall():

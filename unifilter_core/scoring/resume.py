@@ -5,7 +5,7 @@ fingerprint and the config hash, which needs the model loaded and the tar read. 
 done (the common case of a backfill rerun) should pay for neither. So the manifest also records a **request key**:
 a hash of everything the request names, taken from file metadata only:
 
-* the tar (path as given, size, modification time in ns);
+* the tar (path as given, size, modification time in ns; a store object: its URL, ETag and size);
 * every file directly in the checkpoint folder (and in a separate vision-tower folder): name, size, mtime;
 * the scorer settings that can change the scores (device, dtype, aspect, tower, packing, compile, ...);
 * the sample kind, reader limits, table format and version, and the package version.
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import unifilter_core
+from unifilter_core import storage
 from unifilter_core.scoring.config import (
     SCORE_TABLE_VERSION,
     OutputFormat,
@@ -76,14 +77,18 @@ def request_key(
     Raises:
         OSError: the tar or a folder cannot be stat'ed (then there is nothing to resume).
     """
-    tar_path = Path(os.path.abspath(tar))
+    if storage.is_url(tar):
+        tar_entry = [str(tar), storage.object_fingerprint(tar) or storage.size_of(tar)]
+    else:
+        tar_path = Path(os.path.abspath(tar))
+        tar_entry = [str(tar_path), *_stat(tar_path)]
     doc = {
         "version": REQUEST_KEY_VERSION,
         "code_version": unifilter_core.__version__,
         "table_version": SCORE_TABLE_VERSION,
         "format": str(OutputFormat(output_format)),
         "kind": str(SampleKind(kind)),
-        "tar": [str(tar_path), *_stat(tar_path)],
+        "tar": tar_entry,
         "checkpoint": [str(Path(checkpoint)), _folder_stats(Path(checkpoint))],
         "extra": [[str(Path(d)), _folder_stats(Path(d))] for d in extra_dirs if Path(d).is_dir()],
         "settings": settings,
@@ -95,7 +100,7 @@ def request_key(
 
 def resumable_manifest(table: str | os.PathLike[str], key: str) -> dict[str, Any] | None:
     """The manifest of ``table`` when it records request ``key`` and the table is there, complete; else None."""
-    parquet = Path(table)
+    parquet = storage.location(table)
     if not parquet.is_file():
         return None
     manifest = read_manifest(manifest_path_for(parquet))

@@ -7,7 +7,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
-from unifilter_core import paths
+from unifilter_core import paths, storage
 from unifilter_core.partition_steps import (
     choose_thresholds,
     discover_tar_records,
@@ -104,7 +104,8 @@ def _row_count_check(table: str, manifest: dict[str, Any]) -> dg.AssetCheckResul
     """
     import pyarrow.parquet as pq
 
-    rows = pq.ParquetFile(table).metadata.num_rows
+    with storage.location(table).open("rb") as handle:
+        rows = pq.ParquetFile(handle).metadata.num_rows
     listing = manifest.get("listing")
     if not isinstance(listing, dict):
         return dg.AssetCheckResult(
@@ -133,7 +134,8 @@ def _row_count_check(table: str, manifest: dict[str, Any]) -> dg.AssetCheckResul
 def _range_check(table: str) -> dg.AssetCheckResult:
     import pyarrow.parquet as pq
 
-    cols = pq.read_table(table, columns=["score", "status"]).to_pydict()
+    with storage.location(table).open("rb") as handle:
+        cols = pq.read_table(handle, columns=["score", "status"]).to_pydict()
     ok = [s for s, st in zip(cols["score"], cols["status"], strict=True) if st == "ok"]
     bad = [s for s in ok if s is None or not math.isfinite(s) or not SCORE_RANGE[0] <= s <= SCORE_RANGE[1]]
     return dg.AssetCheckResult(
@@ -173,7 +175,9 @@ def scores(
     settings = scoring_model.settings(spec.kind, context.run.tags.get(GPU_TAG))
     config = settings.scoring_config()
     key = scoring_model.request_key(root, settings, spec.kind, tar, config)
-    scorer = None if partition_is_resumable(root, spec, tar, key) else scoring_model.load(root, settings)
+    tables = home.tables_location
+    resumable = partition_is_resumable(root, spec, tar, key, tables=tables)
+    scorer = None if resumable else scoring_model.load(root, settings)
     catalog = home.catalog(duckdb)  # opened once the checkpoint is known to load
     with timed() as timing:
         result = resume_partition(root, spec, tar, context.partition_key, key, catalog=catalog)
@@ -259,7 +263,7 @@ def filtered_dataset(
     root = home.root_path
     spec, tar = resolve_partition(root, home.source_specs(), context.partition_key)
     with timed() as timing, asset_advice():
-        result = filter_partition(root, spec, tar, context.partition_key)
+        result = filter_partition(root, spec, tar, context.partition_key, tables=home.tables_location)
     record(home.catalog(duckdb), context, timing, rows=result["kept"])
     return dg.MaterializeResult(
         metadata={"path": dg.MetadataValue.path(result["path"]), **scalar_metadata(result)}
