@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up a virtual environment for UniFilter on a fresh machine.
 #
-#   bash scripts/setup.sh            # runtime + dev + training extras (what tests need)
+#   bash scripts/setup.sh            # runtime + dev + training + ray extras (what tests need)
 #   UNIFILTER_TORCH=cuda bash scripts/setup.sh   # force the CUDA build of torch
 #   UNIFILTER_TORCH=cpu  bash scripts/setup.sh   # force the CPU build of torch
 #   UNIFILTER_BROWSER=1  bash scripts/setup.sh   # also install Debian's chromium for browser tests
@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 
 VENV="${UNIFILTER_VENV:-.venv}"
 PY="${PYTHON:-python3}"
-EXTRAS="${UNIFILTER_EXTRAS:-dev,training}"
+EXTRAS="${UNIFILTER_EXTRAS:-dev,training,ray}"
 TORCH_VERSION="${UNIFILTER_TORCH_VERSION:-2.13.0}"
 
 log() { printf '[setup] %s\n' "$*" >&2; }

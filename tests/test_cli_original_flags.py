@@ -9,7 +9,7 @@ import pytest
 
 from tests.tarfixtures import write_caption_tar
 from unifilter_core.cli import main
-from unifilter_core.cli.score import REFUSED_FLAGS
+from unifilter_core.cli.score_flags import REFUSED_FLAGS
 
 
 @pytest.fixture(scope="module")

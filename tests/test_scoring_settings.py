@@ -33,7 +33,7 @@ def test_cli_and_resource_defaults_are_the_settings_defaults(kind: str) -> None:
 
 
 def test_cli_help_states_the_settings_batch_default() -> None:
-    from unifilter_core.cli.score import _DEFAULT_BATCH_HELP
+    from unifilter_core.cli.score_flags import _DEFAULT_BATCH_HELP
 
     assert _DEFAULT_BATCH_HELP == DEFAULT_BATCH_SIZE
 

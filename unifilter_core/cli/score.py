@@ -27,13 +27,10 @@ from typing import Any
 
 from unifilter_core import storage
 from unifilter_core.cli import CLIError
+from unifilter_core.cli.score_flags import _settings, add_flags, check_refused
 from unifilter_core.paths import data_root, scores_dir
 
 _SOURCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-#: the original scripts' block size
-DEFAULT_TARS_PER_GPU = 128
-# the batch size ScoringSettings.resolve picks per kind, for --help only (importing the settings loads torch)
-_DEFAULT_BATCH_HELP = {"caption": 16, "interleaved": 4}
 logger = logging.getLogger(__name__)
 
 
@@ -51,177 +48,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ("interleaved", "OBELICS-style tars"),
     ):
         p = kinds.add_parser(kind, help=text, description=f"Score {text}.")
-        _add_flags(p, kind)
+        add_flags(p, kind)
         p.set_defaults(func=run_score)
 
 
-#: flags of the original scripts that have no meaning here: flag -> (why, what to use instead)
-REFUSED_FLAGS: dict[str, tuple[str, str]] = {
-    "--model-base": (
-        "checkpoints are complete here (LLM, projector, head and usually the vision tower)",
-        "pass the checkpoint as --model-path (and a separate tower as --vision-tower)",
-    ),
-    "--conv-mode": (
-        "scoring uses no chat template (the original scripts ignored the flag too)",
-        "drop the flag",
-    ),
-    "--temperature": ("scoring generates no text (the original scripts ignored the flag)", "drop the flag"),
-    "--max-new-tokens": (
-        "scoring generates no text (the original scripts ignored the flag)",
-        "drop the flag",
-    ),
-    "--load-8bit": (
-        "8-bit/4-bit bitsandbytes loading is not supported (scores would differ from the released model)",
-        "use --dtype bfloat16 or --dtype float16",
-    ),
-    "--load-4bit": (
-        "8-bit/4-bit bitsandbytes loading is not supported (scores would differ from the released model)",
-        "use --dtype bfloat16 or --dtype float16",
-    ),
-    "--debug": ("there is no separate debug mode", "use `unifilter -v score ...` or UNIFILTER_DEBUG=1"),
-}
-_VALUE_FLAGS = ("--model-base", "--conv-mode", "--temperature", "--max-new-tokens")
-
-
-def _add_original_flags(p: argparse.ArgumentParser) -> None:
-    """The original scripts' other flags: ``--workers``, ``--num-gpus``, ``--max-len`` mapped, the rest refused."""
-    p.add_argument(
-        "--workers", type=int, dest="num_workers", default=None, help="the original's name for --num-workers"
-    )
-    p.add_argument(
-        "--num-gpus",
-        type=int,
-        default=None,
-        help="GPUs in the whole fleet (the original's flag): --gpu-id must be below it",
-    )
-    p.add_argument(
-        "--max-len",
-        type=int,
-        dest="max_length",
-        default=None,
-        help="longest spliced sequence (text + image tokens); default the checkpoint's "
-        "tokenizer_model_max_length. Captions are still capped at 75 ids (EOS kept), as in the original",
-    )
-    for flag in REFUSED_FLAGS:
-        kwargs: dict[str, Any] = {"nargs": 1} if flag in _VALUE_FLAGS else {"action": "store_true"}
-        p.add_argument(flag, dest="refused_" + flag[2:].replace("-", "_"), help=argparse.SUPPRESS, **kwargs)
-
-
-def _check_refused(args: argparse.Namespace) -> None:
-    for flag, (why, instead) in REFUSED_FLAGS.items():
-        if getattr(args, "refused_" + flag[2:].replace("-", "_"), None):
-            raise CLIError(f"{flag} is not supported: {why}; {instead}")
-
-
-def _add_flags(p: argparse.ArgumentParser, kind: str) -> None:
-    p.add_argument(
-        "--model-path",
-        required=True,
-        help="checkpoint folder (config.json + model.safetensors), or a hub id (owner/name) already in the "
-        "local Hugging Face cache",
-    )
-    p.add_argument(
-        "--tar-file-path",
-        required=True,
-        help="folder of <number>.tar shards, or one .tar file; or a store URL (s3://bucket/prefix, "
-        "credentials and endpoint from the AWS_* environment)",
-    )
-    p.add_argument("--gpu-id", type=int, default=0, help="block index I: the tars with ids in [I*N, (I+1)*N)")
-    batch = _DEFAULT_BATCH_HELP[kind]  # ScoringSettings' default (a test keeps the two equal)
-    p.add_argument("--batch-size", type=int, default=None, help=f"samples per model call (default {batch})")
-    p.add_argument(
-        "--tars-per-gpu",
-        type=int,
-        default=DEFAULT_TARS_PER_GPU,
-        help=f"block size N in tar ids (default {DEFAULT_TARS_PER_GPU}); to score every tar in one run, give "
-        "a block larger than the highest id, e.g. 1000000000",
-    )
-    p.add_argument(
-        "--output-dir",
-        default=None,
-        help="where tables go, a folder or a store URL such as s3://bucket/scores (default <data "
-        "root>/scores/<source>; with --output-format original: the tar folder, as the original scripts)",
-    )
-    p.add_argument(
-        "--output-format",
-        choices=("unifilter", "original"),
-        default="unifilter",
-        help="unifilter: <NNNNNNNN>.parquet tables the catalog reads (default); original: the original "
-        "scripts' <NNNNNNNN>_quality_score.parquet (json fields + quality_score, plus key/status/reason)",
-    )
-    p.add_argument("--root", default=None, help="data root (default $UNIFILTER_HOME or ./.unifilter)")
-    p.add_argument("--source", default=None, help="source name (default: the tar folder's name)")
-    p.add_argument(
-        "--device",
-        default="auto",
-        help="cpu | cuda | cuda:K | auto (default). With cuda/auto the GPU is --gpu-id modulo the visible GPUs",
-    )
-    p.add_argument(
-        "--dtype",
-        choices=("auto", "float32", "bfloat16", "float16"),
-        default="auto",
-        help="model dtype (default float32 on CPU, bfloat16 on GPU); the head runs in fp32",
-    )
-    p.add_argument(
-        "--num-workers",
-        type=int,
-        default=None,
-        help="decode worker processes (0 = in-process; default: CPU cores - 1, at least 1)",
-    )
-    p.add_argument("--max-batch-tokens", type=int, default=None, help="padded-token budget per model call")
-    p.add_argument("--force", action="store_true", help="rescore even when a table is up to date")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument(
-        "--vision-tower", default=None, help="local SigLIP folder (checkpoints without tower weights)"
-    )
-    p.add_argument(
-        "--packing",
-        choices=("off", "on", "auto"),
-        default="auto",
-        help="padding-free packed batches (auto: only where a fast varlen attention kernel passes its check)",
-    )
-    p.add_argument(
-        "--compile-vision",
-        default=None,
-        metavar="MODE",
-        help="torch.compile the vision tower with this mode (e.g. max-autotune-no-cudagraphs); GPU only",
-    )
-    p.add_argument("--vision-batch-size", type=int, default=None, help="images per vision-tower call")
-    p.add_argument(
-        "--image-aspect-ratio",
-        choices=("pad", "resize", "square"),
-        default=None,
-        help="pad images to a grey square (training) or stretch them (resize, the original scorer; square is "
-        "LLaVA's name for it); default: the checkpoint's image_aspect_ratio",
-    )
-    _add_original_flags(p)
-
-
-# the flags whose names are not the settings' field names
-_FLAG_OF_SETTING = {"max_length": "--max-len"}
-
-
-def _settings_error(exc: Any) -> CLIError:
-    """A :class:`~unifilter_core.scoring.settings.SettingsError` worded with the CLI's flag."""
-    flag = _FLAG_OF_SETTING.get(exc.field, "--" + exc.field.replace("_", "-"))
-    rule = f">= {exc.low}" if exc.low is not None else exc.rule
-    return CLIError(f"{flag} must be {rule}, got {exc.value}{exc.hint}")
-
-
-def _settings(args: argparse.Namespace, resolve: bool = False) -> Any:
-    """The run's :class:`~unifilter_core.scoring.settings.ScoringSettings` from the flags (resolved for this
-    machine and ``--gpu-id`` with ``resolve``)."""
-    from unifilter_core.scoring.settings import ScoringSettings, SettingsError
-
-    try:
-        settings = ScoringSettings.from_values(args)
-        return settings.resolve(args.kind, args.gpu_id) if resolve else settings
-    except SettingsError as exc:
-        raise _settings_error(exc) from None
-
-
 def _check_numbers(args: argparse.Namespace) -> None:
-    _check_refused(args)
+    check_refused(args)
     if args.num_gpus is not None and args.num_gpus < 1:
         raise CLIError(f"--num-gpus must be >= 1, got {args.num_gpus}")
     if args.num_gpus is not None and args.gpu_id >= args.num_gpus:
@@ -404,7 +236,6 @@ def _describe_block(args: argparse.Namespace, plan: _Plan) -> str:
 def run_score(args: argparse.Namespace) -> int:
     """Entry point of ``unifilter score KIND``: returns the exit code (1 when a tar of the block failed)."""
     from unifilter_core.scoring.discovery import compact_ranges
-    from unifilter_core.scoring.source_marker import write_source_marker
 
     plan = _plan(args)
     if not plan.block:
@@ -414,6 +245,8 @@ def run_score(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 0
+    if args.ray_address:
+        return _run_on_ray(args, plan)
     settings = _settings(args, resolve=True)
     try:
         config = settings.scoring_config()
@@ -426,10 +259,61 @@ def run_score(args: argparse.Namespace) -> int:
         f"unifilter score: {len(plan.block)} tar(s) from {plan.input_dir} -> {plan.out} "
         f"({settings.device}, {settings.dtype})"
     )
+    from unifilter_core.scoring import score_tars
+
+    summaries = score_tars(
+        plan.block,
+        scorer,
+        plan.out,
+        kind=args.kind,
+        source=plan.source,
+        config=config,
+        progress=not args.no_progress,
+        force=args.force,
+        output_format=args.output_format,
+    )
+    return _finish(plan, summaries)
+
+
+def _run_on_ray(args: argparse.Namespace, plan: _Plan) -> int:
+    """``--ray-address``: the block on a Ray cluster, one resident model per actor."""
+    from unifilter_core.scorer import resolve_checkpoint
+    from unifilter_core.scoring.ray_engine import RaySettings, score_tars_on_ray
+
+    try:
+        ray_settings = RaySettings(args.ray_address, args.ray_workers, args.ray_cpus_per_worker)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    _check_output(plan.out)
+    print(f"unifilter score: {_describe_block(args, plan)}")
+    print(
+        f"unifilter score: {len(plan.block)} tar(s) from {plan.input_dir} -> {plan.out} (Ray {args.ray_address})"
+    )
+    summaries = score_tars_on_ray(
+        plan.block,
+        plan.out,
+        checkpoint=str(resolve_checkpoint(args.model_path)),
+        settings=_settings(args),
+        kind=args.kind,
+        source=plan.source,
+        ray_settings=ray_settings,
+        force=args.force,
+        output_format=args.output_format,
+    )
+    try:
+        return _finish(plan, summaries)
+    except RuntimeError as exc:  # the workers could not load the model
+        raise CLIError(str(exc)) from None
+
+
+def _finish(plan: _Plan, summaries: Any) -> int:
+    """Print each tar's line as it comes and the failures at the end; the exit code."""
+    from unifilter_core.scoring.source_marker import write_source_marker
+
     try:
         if not _same_folder(plan.out, plan.input_dir):
             write_source_marker(plan.out, plan.source, plan.input_dir)
-        failed = _score_block(args, plan, scorer, config)
+        failed = _score_block(summaries)
     except OSError as exc:
         raise CLIError(_os_error_line(exc, plan.out)) from None
     if failed:
@@ -440,22 +324,11 @@ def run_score(args: argparse.Namespace) -> int:
     return 0
 
 
-def _score_block(args: argparse.Namespace, plan: _Plan, scorer: Any, config: Any) -> list[tuple[str, str]]:
-    """Score the block, printing one line per tar; returns ``(tar name, error)`` of the tars that failed."""
-    from unifilter_core.scoring import score_tars
-
-    total_rows, total_s, failed = 0, 0.0, []
-    for summary in score_tars(
-        plan.block,
-        scorer,
-        plan.out,
-        kind=args.kind,
-        source=plan.source,
-        config=config,
-        progress=not args.no_progress,
-        force=args.force,
-        output_format=args.output_format,
-    ):
+def _score_block(summaries: Any) -> list[tuple[str, str]]:
+    """Print one line per tar as each is done; returns ``(tar name, error)`` of the tars that failed."""
+    total_rows, total_s, failed, n = 0, 0.0, [], 0
+    for summary in summaries:
+        n += 1
         print(summary.describe(), flush=True)
         error = getattr(summary, "error", None)
         if error:
@@ -463,7 +336,7 @@ def _score_block(args: argparse.Namespace, plan: _Plan, scorer: Any, config: Any
         total_rows += summary.rows
         total_s += summary.wall_s
     rate = f", {total_rows / total_s:.1f} samples/s" if total_s > 0 else ""
-    print(f"unifilter score: done: {len(plan.block)} tar(s), {total_rows} rows{rate}")
+    print(f"unifilter score: done: {n} tar(s), {total_rows} rows{rate}")
     return failed
 
 

@@ -162,6 +162,7 @@ def score_tar(
     pool: DecodePool | None = None,
     output_format: OutputFormat | str = OutputFormat.UNIFILTER,
     request_key: str | None = None,
+    scored_by: dict[str, Any] | None = None,
 ) -> TarScoreSummary:
     """Score every sample of one tar into ``out_path`` (a parquet score table) and its manifest sidecar.
 
@@ -188,6 +189,8 @@ def score_tar(
         request_key: the caller's :func:`~unifilter_core.scoring.resume.request_key`, recorded in the manifest
             (also when the table is found up to date), so the next identical request resumes without loading
             the model or reading the tar.
+        scored_by: where the scoring ran (a Ray worker's node id and host), recorded in the manifest as
+            ``scored_by``; None records ``"local"``.
 
     Returns:
         A :class:`TarScoreSummary`.
@@ -221,7 +224,9 @@ def score_tar(
         _record_request_key(table, request_key)
         return summary_from_manifest(tar, table, pkey)
 
-    job = _Job(tar, table, manifest_path, kind, source, pkey, key, canon, output_format, request_key)
+    job = _Job(
+        tar, table, manifest_path, kind, source, pkey, key, canon, output_format, request_key, scored_by
+    )
     if storage.is_url(table):
         return _score_to_store(job, scorer, config, progress, pool)
     with output_errors(table.parent):
@@ -281,6 +286,7 @@ class _Job:
     canon: dict[str, Any]
     output_format: OutputFormat = OutputFormat.UNIFILTER
     request_key: str | None = None
+    scored_by: dict[str, Any] | None = None
 
 
 def _record_request_key(table: Path, request_key: str | None, *, locked: bool = False) -> None:
@@ -366,6 +372,7 @@ def _score(
             "bytes": job.table.stat().st_size,
         },
         "counts": {"status": counts.by_status, "reason": counts.by_reason},
+        "scored_by": job.scored_by or "local",
         "listing": listing_record(job.tar, written_keys),
         "timings": {
             "started_at": started_at.isoformat(),
