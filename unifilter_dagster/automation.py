@@ -47,6 +47,11 @@ def _run_request(key: str, num_gpus: int, reason: str) -> dg.RunRequest:
     )
 
 
+#: new tars one sensor tick registers and requests at most: a first tick over a million new tars would outrun the
+#: tick's time limit and the reply size limit of Dagster's gRPC
+MAX_NEW_TARS_PER_TICK = 5_000
+
+
 @dg.sensor(
     job=score_tars_job,
     minimum_interval_seconds=60,
@@ -64,6 +69,11 @@ def new_tars_sensor(
     new = [r for r in records if r.partition_key not in existing]
     if not new:
         return dg.SkipReason(f"no new tars ({len(records)} registered)")
+    if len(new) > MAX_NEW_TARS_PER_TICK:  # a bounded tick: the rest come on the next ticks
+        context.log.info(
+            "%d new tars: registering the first %d, the rest on later ticks", len(new), MAX_NEW_TARS_PER_TICK
+        )
+        new = new[:MAX_NEW_TARS_PER_TICK]
     home.catalog(duckdb).register_tars(new)
     keys = [r.partition_key for r in new]
     return dg.SensorResult(

@@ -123,3 +123,32 @@ def test_gpu_tags_one_gpu_id_per_run(world: World) -> None:
 
         with pytest.raises(SettingsError, match="cuda:1"):
             ScoringModelResource(device="cuda:1").settings("caption", "0")
+
+
+def test_sensor_ticks_are_bounded_and_the_rest_come_next(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import unifilter_dagster.automation as automation
+
+    monkeypatch.setattr(automation, "MAX_NEW_TARS_PER_TICK", 2)
+    resources = world.resources()
+    seen: list[str] = []
+    with dg.DagsterInstance.ephemeral() as instance:
+        while isinstance(result := sensor_tick(instance, resources), dg.SensorResult):
+            keys = [r.partition_key for r in result.run_requests]
+            assert 1 <= len(keys) <= 2 and not set(keys) & set(seen)
+            seen += keys
+        assert sorted(seen) == TEMPLATE_PARTITIONS == sorted(instance.get_dynamic_partitions("tars"))
+
+
+def test_registering_more_partitions_than_sqlite_takes_in_one_statement(tmp_path: Path) -> None:
+    """300k keys in one call fail in Dagster's SQLite storage ("too many SQL variables"); in chunks they go in."""
+    from unifilter_dagster.assets.tars import register_new_partitions
+
+    (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    keys = [f"datacomp_{i:07d}" for i in range(300_000)]
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        assert register_new_partitions(instance, keys[:5]) == keys[:5]
+        assert len(register_new_partitions(instance, keys)) == 300_000 - 5
+        assert len(instance.get_dynamic_partitions("tars")) == 300_000
+        assert register_new_partitions(instance, keys) == []

@@ -36,12 +36,17 @@ RANGE_CHECK = "scores_finite_in_range"
 SCORE_RANGE = (-1.0, 4.0)  # the released regression head outputs about 0..3
 
 
+#: partitions added per call: one call with a million keys fails in SQLite ("too many SQL variables")
+REGISTER_CHUNK = 10_000
+
+
 def register_new_partitions(instance: dg.DagsterInstance, keys: list[str]) -> list[str]:
-    """Add the keys that are not yet ``tars`` partitions (idempotent); returns the ones added."""
+    """Add the keys that are not yet ``tars`` partitions (idempotent, in chunks of :data:`REGISTER_CHUNK`);
+    returns the ones added."""
     existing = set(instance.get_dynamic_partitions(TARS_PARTITIONS_NAME))
     new = [k for k in keys if k not in existing]
-    if new:
-        instance.add_dynamic_partitions(TARS_PARTITIONS_NAME, new)
+    for start in range(0, len(new), REGISTER_CHUNK):
+        instance.add_dynamic_partitions(TARS_PARTITIONS_NAME, new[start : start + REGISTER_CHUNK])
     return new
 
 
