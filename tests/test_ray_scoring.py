@@ -100,3 +100,27 @@ def test_a_lost_node_s_tar_is_rescored_on_the_other(tmp_path: Path, tiny_checkpo
     assert sorted(ray_tables) == ["00000000.parquet", "00000001.parquet", "00000002.parquet"]
     _same_tables(ray_tables, _local_run(shards, tiny_checkpoint, tmp_path / "local_scores"))
     assert not list(out.glob(".*.tmp-*"))
+
+
+def test_workers_that_cannot_load_the_model_stop_the_run_with_one_line(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    import shutil
+
+    ckpt = tmp_path / "broken_ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])  # config.json is fine: the driver's check passes
+    shards = tmp_path / "shards"
+    for i in range(2):
+        write_tar(shards / f"{i:08d}.tar", caption_members(3, seed=i))
+    args = ["score", "caption", "--model-path", str(ckpt), "--tar-file-path", str(shards),
+            "--output-dir", str(tmp_path / "out"), "--ray-address", "127.0.0.1:6379", "--num-workers", "0",
+            "--device", "cpu", "--no-progress", "--root", str(tmp_path / "home")]  # fmt: skip
+    work = tmp_path / "cluster"
+    result = run_in_cluster({"workdir": str(work), "command": _cli(*args), "timeout": 240})
+    log = (work / "command.log").read_text()
+    assert result.returncode == 0, result.stderr
+    assert (work / "command.rc").read_text() == "2", log
+    assert "a Ray worker could not load" in log and str(ckpt) in log
+    assert not list((tmp_path / "out").glob("*.parquet"))
