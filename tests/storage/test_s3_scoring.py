@@ -19,6 +19,7 @@ import pytest
 from tests.storage.conftest import FAKE_KEY_ID, FAKE_SECRET, child_env
 from tests.tarfixtures import truncate_file
 from tests.test_scoring_engine import caption_members, write_tar
+from unifilter_core import storage
 from unifilter_core.cli import main
 
 COMPARED = ["key", "partition_key", "score", "status", "reason", "uid", "url", "n_tokens"]
@@ -160,6 +161,7 @@ def test_unwritable_bucket_is_one_clear_line(
 
 _KILL_SCRIPT = """
 import sys
+from unifilter_core import storage
 from unifilter_core.cli import main
 sys.exit(main(["score", "caption", *sys.argv[1:]]))
 """
@@ -207,3 +209,33 @@ def test_sigkill_mid_tar_leaves_no_table_without_manifest_and_rerun_equals_clean
     assert sorted(resumed) == ["00000000.parquet", "00000001.parquet", "00000002.parquet"]
     assert resumed == clean
     assert _committed_only(bucket) == set(resumed)
+
+
+def test_a_table_committed_by_another_process_is_seen_as_complete(
+    bucket: str, shards: Path, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """fsspec caches listings per process: a table another process committed after this one listed the folder
+    must still count as up to date (not be rescored)."""
+    import fsspec
+
+    from unifilter_core.scorer import load_scorer
+    from unifilter_core.scoring import score_tar
+
+    url = _upload_shards(bucket, shards)
+    fs = _fs()
+    fs.mkdir(f"{bucket}/scores")
+    fs.pipe(f"{bucket}/scores/.keep", b"")
+    fs.ls(f"{bucket}/scores")  # this process now holds a listing without the table
+    other = fsspec.filesystem("s3", skip_instance_cache=True)  # "another process": its own client and cache
+    local = tmp_path / "made_elsewhere"
+    scorer = load_scorer(tiny_checkpoint, device="cpu", num_workers=0)
+    summary = score_tar(
+        f"{url}/00000001.tar", scorer, local / "00000001.parquet", kind="caption", source="shards"
+    )
+    assert summary.rows == 4 and summary.tar_path == storage.location(f"{url}/00000001.tar")
+    other.put_file(str(local / "00000001.parquet"), f"{bucket}/scores/00000001.parquet")
+    other.put_file(str(local / "00000001.manifest.json"), f"{bucket}/scores/00000001.manifest.json")
+
+    again = score_tar(f"{url}/00000001.tar", scorer, f"s3://{bucket}/scores/00000001.parquet", kind="caption",
+                      source="shards")  # fmt: skip
+    assert again.resumed

@@ -101,6 +101,7 @@ def request_key(
 def resumable_manifest(table: str | os.PathLike[str], key: str) -> dict[str, Any] | None:
     """The manifest of ``table`` when it records request ``key`` and the table is there, complete; else None."""
     parquet = storage.location(table)
+    storage.forget_listings(parquet.parent)  # another process may have committed it meanwhile
     if not parquet.is_file():
         return None
     manifest = read_manifest(manifest_path_for(parquet))

@@ -393,6 +393,7 @@ def is_complete(parquet_path: str | os.PathLike[str], key: ManifestKey) -> bool:
     """True when the table and its manifest both exist and the manifest names the same inputs (and, when it
     records one, the table's byte count: a manifest never vouches for other data). Local or on a store."""
     parquet = storage.location(parquet_path)
+    storage.forget_listings(parquet.parent)  # another process may have committed (or replaced) it meanwhile
     if not parquet.is_file():
         return False
     manifest = read_manifest(manifest_path_for(parquet))
