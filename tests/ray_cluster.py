@@ -3,8 +3,8 @@
 Run as ``unshare -n python -m tests.ray_cluster SPEC.json`` (root; :func:`run_in_cluster` does it): brings up the
 loopback interface (Ray then binds 127.0.0.1 and reaches nothing else), starts a head and a worker node with
 ``ray start --block`` (one CPU each, temp dir under the spec's folder), waits until both are alive, runs the
-spec's command with ``RAY_ADDRESS`` set, and stops every process it started by PID (never ``ray stop``, which
-would end every Ray process of the machine). Leaving the namespace, nothing of the cluster survives: any process
+spec's command with ``RAY_ADDRESS`` set, and stops every process it started by PID (never Ray's own stop
+command, which would end every Ray process of the machine). Leaving the namespace, nothing of the cluster survives: any process
 still in it is killed.
 
 SPEC: ``{"command": [...], "workdir": DIR, "env": {...}, "timeout": S, "kill_worker_after": PATTERN}`` where

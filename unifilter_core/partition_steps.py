@@ -65,10 +65,7 @@ class TarSource:
             )
 
     def directory(self, root: Path) -> Location:
-        if not self.path:
-            return paths.sources_dir(root) / self.name
-        folder = storage.location(self.path.rstrip("/") if storage.is_url(self.path) else self.path)
-        return folder if storage.is_url(folder) else folder.resolve()
+        return storage.resolved(self.path) if self.path else paths.sources_dir(root) / self.name
 
 
 DEFAULT_SOURCES: tuple[TarSource, ...] = (
@@ -369,25 +366,21 @@ def filter_partition(
         raise MissingInput(f"partition {partition_key!r} has no score table {table}", needs="scores")
     keep, uids = kept_keys(table, threshold)
     final = filtered_tar_path(where, spec.name, tar)
-    if storage.is_url(final):
-        with tempfile.TemporaryDirectory(prefix="unifilter-stage-") as stage:
-            result = _write_filtered(
-                spec, tar, partition_key, threshold, keep, uids, Path(stage) / final.name
-            )
-            staged = [
-                Path(stage) / Path(p).name for p in (result["path"], result.get("datacomp_subset")) if p
-            ]
-            result = {**result, "path": str(final)}
-            if "datacomp_subset" in result:
-                result["datacomp_subset"] = str(final.parent / Path(result["datacomp_subset"]).name)
-            manifest = Path(stage) / f"{tar.name.split('.')[0]}.manifest.json"
-            write_manifest_json(manifest, result)
-            storage.publish(
-                [(p, final.parent / p.name) for p in staged], (manifest, final.parent / manifest.name)
-            )
+    manifest_name = f"{tar.name.split('.')[0]}.manifest.json"
+    if not storage.is_url(final):
+        result, _ = _write_filtered(
+            spec, tar, partition_key, threshold, keep, uids, final.parent, final.parent
+        )
+        write_manifest_json(final.parent / manifest_name, result)
         return result
-    result = _write_filtered(spec, tar, partition_key, threshold, keep, uids, final)
-    write_manifest_json(final.parent / f"{tar.name.split('.')[0]}.manifest.json", result)
+    with tempfile.TemporaryDirectory(prefix="unifilter-stage-") as stage:
+        result, written = _write_filtered(
+            spec, tar, partition_key, threshold, keep, uids, Path(stage), final.parent
+        )
+        manifest = write_manifest_json(Path(stage) / manifest_name, result)
+        storage.publish(
+            [(p, final.parent / p.name) for p in written], (manifest, final.parent / manifest_name)
+        )
     return result
 
 
@@ -398,11 +391,17 @@ def _write_filtered(
     threshold: float,
     keep: set[str],
     uids: list[str],
-    out: Path,
-) -> dict[str, Any]:
-    """The filtered tar (and DataComp subset) of one tar at local path ``out``; returns the manifest's body."""
+    folder: Path,
+    shown: Location,
+) -> tuple[dict[str, Any], list[Path]]:
+    """The filtered tar (and DataComp subset) of one tar, written into local ``folder``.
+
+    Returns:
+        The manifest's body (paths as they will be under ``shown``, the final folder) and the files written.
+    """
     from unifilter_core.data import write_filtered_tar
 
+    out = folder / tar.name
     summary = write_filtered_tar(tar, keep, out)
     stem = tar.name.split(".")[0]
     result: dict[str, Any] = {
@@ -412,7 +411,7 @@ def _write_filtered(
         "kept": summary.kept,
         "dropped": summary.dropped,
         "unsafe": summary.unsafe,
-        "path": str(out),
+        "path": str(shown / out.name),
         **{k: v for k, v in summary.to_dict().items() if k not in ("kept", "dropped", "unsafe")},
     }
     if spec.kind == "caption" and uids:
@@ -422,7 +421,8 @@ def _write_filtered(
             result["datacomp_subset_skipped"] = str(exc)
             logger.info("%s: no DataComp subset file: %s", partition_key, exc)
         else:
-            subset = out.parent / f"{stem}.uids.npy"
+            subset = folder / f"{stem}.uids.npy"
             write_npy_atomic(subset, array)
-            result["datacomp_subset"] = str(subset)
-    return result
+            result["datacomp_subset"] = str(shown / subset.name)
+            return result, [out, subset]
+    return result, [out]

@@ -52,10 +52,7 @@ def tables_root(root: Path, override: str | os.PathLike[str] | None = None) -> A
     from unifilter_core import storage
 
     chosen = override if override not in (None, "") else os.environ.get("UNIFILTER_TABLES") or None
-    if chosen is None:
-        return root
-    loc = storage.location(str(chosen).rstrip("/"))
-    return loc if storage.is_url(loc) else loc.resolve()
+    return root if chosen is None else storage.resolved(chosen)
 
 
 def catalog_path(root: Path) -> Path:

@@ -51,7 +51,8 @@ def is_url(path: Any) -> bool:
 
 
 def location(path: str | os.PathLike[str] | Any) -> Location:
-    """``path`` as a :class:`~pathlib.Path` (local, ``~`` expanded) or a :class:`upath.UPath` (a URL).
+    """``path`` as a :class:`~pathlib.Path` (local, ``~`` expanded) or a :class:`upath.UPath` (a URL, without a
+    trailing slash: ``s3://b/scores/`` and ``s3://b/scores`` are one folder).
 
     Raises:
         ValueError: a URL whose protocol has no fsspec filesystem installed (with the pip package to add).
@@ -66,16 +67,17 @@ def location(path: str | os.PathLike[str] | Any) -> Location:
     from upath import UPath
 
     try:
-        return UPath(str(path))
+        return UPath(str(path).rstrip("/"))
     except (ImportError, ValueError) as exc:
         raise ValueError(
             f"cannot open {path!r}: {exc} (install the filesystem package, e.g. s3fs or gcsfs)"
         ) from None
 
 
-def display(path: Any) -> str:
-    """``path`` for messages and manifests: the URL as given (no credentials are ever part of it) or the path."""
-    return str(path)
+def resolved(path: Any) -> Location:
+    """A folder the user named: a local path expanded and resolved, a URL as given."""
+    loc = location(path)
+    return loc if is_url(loc) else loc.resolve()
 
 
 def absolute(path: Any) -> Location:
@@ -224,13 +226,13 @@ def open_input(path: Any) -> BinaryIO:
     """Open a tar (or any input) for reading: a local file, or a store object streamed with retries.
 
     Raises:
-        OSError: the file or object cannot be opened (missing, no permission, store unreachable).
+        OSError: the file cannot be opened (missing, no permission). A store object is opened on the first
+            read, which raises the same errors (``FileNotFoundError``, ``PermissionError``, ...).
     """
     loc = location(path)
     if not is_url(loc):
         return open(loc, "rb")  # noqa: SIM115 - the caller closes it
     fs, key = loc.fs, loc.path
-    fs.info(key)  # fail here, in the caller's try, when the object is missing or the store refuses
 
     def open_at(offset: int) -> BinaryIO:
         handle = fs.open(key, "rb", block_size=BLOCK_SIZE, cache_type="readahead")

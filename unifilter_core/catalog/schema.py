@@ -244,9 +244,9 @@ def create_scores_view(conn: duckdb.DuckDBPyConnection, root: Any) -> ScoreFiles
     DuckDB views cannot hold bound parameters, so the source is a quoted literal built only from the data root:
     the glob when every file's footer reads, else the list of good files (a corrupt table is left out with a
     warning instead of failing every query). On a store the list of committed tables is always used (a glob
-    would also match a table whose manifest is not written yet). A column no score file has yet reads as NULL, so the view always
-    has :data:`SCORE_COLUMNS`. The view's comment records the columns read from files and the files left out,
-    so updates can skip needless rebuilds.
+    would also match a table whose manifest is not written yet). A column no score file has yet reads as NULL,
+    so the view always has :data:`SCORE_COLUMNS`. The view's comment records the columns read from files and
+    the files left out, so updates can skip needless rebuilds.
 
     Returns:
         The scan the view was built from.
@@ -288,10 +288,10 @@ def _view_comment(conn: duckdb.DuckDBPyConnection) -> tuple[set[str], list[str]]
 def refresh_view_if_needed(conn: duckdb.DuckDBPyConnection, root: Any, new_parquet: str | None) -> None:
     """Keep the view in step cheaply: rebuild only when files appear/vanish, ``new_parquet`` brings columns
     the view does not read yet, or the view lists files one by one (some file was left out as unreadable)."""
-    known = _view_comment(conn)
     if storage.is_url(root):  # the view lists the committed tables one by one: rebuild it
         create_scores_view(conn, root)
         return
+    known = _view_comment(conn)
     has_files = any((root / "scores").glob("*/*.parquet"))
     if known is not None and not known[1] and has_files == bool(known[0]):
         in_view = known[0]

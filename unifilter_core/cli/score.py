@@ -27,7 +27,7 @@ from typing import Any
 
 from unifilter_core import storage
 from unifilter_core.cli import CLIError
-from unifilter_core.cli.score_flags import _settings, add_flags, check_refused
+from unifilter_core.cli.score_flags import add_flags, check_refused, scoring_settings
 from unifilter_core.paths import data_root, scores_dir
 
 _SOURCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -64,7 +64,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise CLIError(f"--gpu-id must be >= 0, got {args.gpu_id}")
     if args.tars_per_gpu < 1:
         raise CLIError(f"--tars-per-gpu must be >= 1, got {args.tars_per_gpu}")
-    _settings(args)  # the scoring flags, checked before anything is read
+    scoring_settings(args)  # the scoring flags, checked before anything is read
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def _original_output_dir(args: argparse.Namespace, input_dir: Any) -> Any:
 
     Original-form tables have other columns than the catalog's, so they never go under ``<data root>/scores``.
     """
-    out = _out_location(args.output_dir) if args.output_dir else input_dir
+    out = storage.resolved(args.output_dir) if args.output_dir else input_dir
     catalog_scores = (data_root(args.root) / "scores").resolve()
     if not storage.is_url(out) and (out == catalog_scores or catalog_scores in out.parents):
         raise CLIError(
@@ -119,11 +119,6 @@ def _original_output_dir(args: argparse.Namespace, input_dir: Any) -> Any:
     if out.exists() and not out.is_dir():
         raise CLIError(f"--output-dir {str(out)!r} exists and is not a folder")
     return out
-
-
-def _out_location(text: str) -> Any:
-    """``--output-dir``: a store URL as given (no trailing slash), a local folder made absolute."""
-    return storage.location(text.rstrip("/")) if storage.is_url(text) else Path(text).expanduser().resolve()
 
 
 def _same_folder(a: Any, b: Any) -> bool:
@@ -140,7 +135,9 @@ def _output_dir(args: argparse.Namespace, source: str, input_dir: Any) -> Any:
         if out == input_dir:
             return out  # next to the tars, as the original: the folder cannot hold another source's tables
     else:
-        out = _out_location(args.output_dir) if args.output_dir else scores_dir(data_root(args.root), source)
+        out = (
+            storage.resolved(args.output_dir) if args.output_dir else scores_dir(data_root(args.root), source)
+        )
     if _same_folder(out, input_dir):
         raise CLIError(f"--output-dir {str(out)!r} is the input folder; score tables must go elsewhere")
     if out.exists() and not out.is_dir():
@@ -247,7 +244,7 @@ def run_score(args: argparse.Namespace) -> int:
         return 0
     if args.ray_address:
         return _run_on_ray(args, plan)
-    settings = _settings(args, resolve=True)
+    settings = scoring_settings(args, resolve=True)
     try:
         config = settings.scoring_config()
     except ValueError as exc:
@@ -293,7 +290,7 @@ def _run_on_ray(args: argparse.Namespace, plan: _Plan) -> int:
         plan.block,
         plan.out,
         checkpoint=str(resolve_checkpoint(args.model_path)),
-        settings=_settings(args),
+        settings=scoring_settings(args),
         kind=args.kind,
         source=plan.source,
         ray_settings=ray_settings,

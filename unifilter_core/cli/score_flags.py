@@ -184,7 +184,7 @@ def _settings_error(exc: Any) -> CLIError:
     return CLIError(f"{flag} must be {rule}, got {exc.value}{exc.hint}")
 
 
-def _settings(args: argparse.Namespace, resolve: bool = False) -> Any:
+def scoring_settings(args: argparse.Namespace, resolve: bool = False) -> Any:
     """The run's :class:`~unifilter_core.scoring.settings.ScoringSettings` from the flags (resolved for this
     machine and ``--gpu-id`` with ``resolve``)."""
     from unifilter_core.scoring.settings import ScoringSettings, SettingsError

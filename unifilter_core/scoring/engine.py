@@ -237,14 +237,21 @@ def score_tar(
             _record_request_key(table, request_key, locked=True)
             return summary_from_manifest(tar, table, pkey)
         clean_stale_temp_files(table.parent, table.name.split(".")[0])  # only under the lock: no live writer
-        own_pool = pool is None and config.num_workers > 0
-        if own_pool:
-            pool = DecodePool(scorer.processor, config)
-        try:
-            return _score(job, scorer, config, progress, pool)
-        finally:
-            if own_pool and pool is not None:
-                pool.close()
+        with _decode_pool(pool, scorer, config) as decode:
+            return _score(job, scorer, config, progress, decode)
+
+
+@contextlib.contextmanager
+def _decode_pool(pool: DecodePool | None, scorer: Any, config: ScoringConfig) -> Iterator[DecodePool | None]:
+    """The caller's pool; else, when ``config`` asks for workers, a private one for this tar (closed after)."""
+    if pool is not None or config.num_workers == 0:
+        yield pool
+        return
+    own = DecodePool(scorer.processor, config)
+    try:
+        yield own
+    finally:
+        own.close()
 
 
 def _score_to_store(
@@ -256,18 +263,14 @@ def _score_to_store(
     (:func:`unifilter_core.storage.publish`). Two runs scoring the same tar write equal tables; the last
     manifest wins. A run killed before the publish leaves nothing on the store for this tar.
     """
-    own_pool = pool is None and config.num_workers > 0
-    if own_pool:
-        pool = DecodePool(scorer.processor, config)
-    try:
-        with tempfile.TemporaryDirectory(prefix="unifilter-stage-") as stage:
-            local_table = Path(stage) / job.table.name
-            local = replace(job, table=local_table, manifest_path=manifest_path_for(local_table))
-            summary = _score(local, scorer, config, progress, pool)
-            storage.publish([(local_table, job.table)], (local.manifest_path, job.manifest_path))
-    finally:
-        if own_pool and pool is not None:
-            pool.close()
+    with (
+        _decode_pool(pool, scorer, config) as decode,
+        tempfile.TemporaryDirectory(prefix="unifilter-stage-") as stage,
+    ):
+        local_table = Path(stage) / job.table.name
+        local = replace(job, table=local_table, manifest_path=manifest_path_for(local_table))
+        summary = _score(local, scorer, config, progress, decode)
+        storage.publish([(local_table, job.table)], (local.manifest_path, job.manifest_path))
     summary.table_path, summary.manifest_path = job.table, job.manifest_path
     return summary
 
@@ -394,16 +397,17 @@ def _score(
     return summary
 
 
-def _failed_summary(
-    out: Path, tar_path: str | os.PathLike[str], source: str, exc: Exception, output_format: OutputFormat
+def failed_summary(
+    out: Any, tar_path: str | os.PathLike[str], source: str, error: str, output_format: OutputFormat | str
 ) -> TarScoreSummary:
+    """The summary of a tar that could not be scored into ``out`` (no table written): ``error`` says why."""
     table, manifest = output_paths(out, tar_path, output_format)
     try:
         pkey = make_partition_key(source, tar_path)
     except ValueError:
         pkey = ""
     tar = storage.absolute(tar_path)
-    return TarScoreSummary(tar, table, manifest, pkey, resumed=False, rows=0, error=short_error(exc))
+    return TarScoreSummary(tar, table, manifest, pkey, resumed=False, rows=0, error=error)
 
 
 def score_tars(
@@ -457,7 +461,7 @@ def score_tars(
             except Exception as exc:  # one tar never stops the block: record it and go on
                 logger.error("%s could not be scored: %s", base_name(tar_path), short_error(exc))
                 logger.debug("traceback of %s", tar_path, exc_info=True)
-                summary = _failed_summary(out, tar_path, source, exc, output_format)
+                summary = failed_summary(out, tar_path, source, short_error(exc), output_format)
             yield summary
     finally:
         if pool is not None:

@@ -33,6 +33,7 @@ from typing import Any
 
 from unifilter_core import storage
 from unifilter_core.scoring.config import OutputFormat, SampleKind
+from unifilter_core.scoring.engine import failed_summary
 from unifilter_core.scoring.outputs import output_paths
 from unifilter_core.scoring.summary import TarScoreSummary
 
@@ -109,11 +110,11 @@ class TarScorer:
         """This actor's ``scored_by`` record."""
         return dict(self.scored_by)
 
-    def score(self, tar: str, table: str, force: bool) -> dict[str, Any]:
-        """Score one tar into ``table``; returns the summary as plain values (see :func:`summary_to_dict`)."""
+    def score(self, tar: str, table: str, force: bool) -> TarScoreSummary:
+        """Score one tar into ``table``; its summary (pickled back to the driver)."""
         from unifilter_core.scoring.engine import score_tar
 
-        summary = score_tar(
+        return score_tar(
             tar,
             self.scorer,
             table,
@@ -125,7 +126,6 @@ class TarScorer:
             output_format=self.output_format,
             scored_by=self.scored_by,
         )
-        return {**summary_to_dict(summary), "scored_by": self.scored_by}
 
 
 def _node_id() -> str | None:
@@ -135,43 +135,6 @@ def _node_id() -> str | None:
         return ray.get_runtime_context().get_node_id()
     except Exception:  # not inside Ray: still usable as a plain object
         return None
-
-
-def summary_to_dict(summary: TarScoreSummary) -> dict[str, Any]:
-    """A summary as plain values (paths as strings), to cross process boundaries."""
-    return {
-        "tar_path": str(summary.tar_path),
-        "table_path": str(summary.table_path),
-        "manifest_path": str(summary.manifest_path),
-        "partition_key": summary.partition_key,
-        "resumed": summary.resumed,
-        "rows": summary.rows,
-        "by_status": dict(summary.by_status),
-        "by_reason": dict(summary.by_reason),
-        "wall_s": summary.wall_s,
-        "model_s": summary.model_s,
-        "error": summary.error,
-    }
-
-
-def summary_from_dict(data: dict[str, Any]) -> TarScoreSummary:
-    """The inverse of :func:`summary_to_dict` (extra keys such as ``scored_by`` are left out)."""
-    fields = {k: v for k, v in data.items() if k in TarScoreSummary.__dataclass_fields__}
-    for name in ("tar_path", "table_path", "manifest_path"):
-        fields[name] = storage.location(fields[name])
-    return TarScoreSummary(**fields)
-
-
-def _failed(tar: Any, table: Any, manifest: Any, source: str, error: str) -> TarScoreSummary:
-    from unifilter_core.paths import partition_key
-
-    try:
-        pkey = partition_key(source, tar)
-    except ValueError:
-        pkey = ""
-    return TarScoreSummary(
-        storage.location(str(tar)), table, manifest, pkey, resumed=False, rows=0, error=error
-    )
 
 
 def _connect(address: str) -> bool:
@@ -287,27 +250,20 @@ def score_tars_on_ray(
                     try:
                         ray.get(ref)
                     except RayActorError as exc:
-                        if exc.actor_init_failed:
-                            raise RuntimeError(
-                                f"a Ray worker could not load {checkpoint}: {_first_line(exc)}"
-                            ) from None
+                        _stop_if_init_failed(exc, checkpoint)
                         continue
                     actors.add(actor)
                     hand_out(actor)
                     continue
                 actor, tar = inflight.pop(ref)
-                table, manifest = output_paths(out, tar, fmt)
                 try:
                     result = ray.get(ref)
                 except RayTaskError as exc:  # score_tar raised inside a live actor: this tar's failure
-                    yield _failed(tar, table, manifest, source, _first_line(exc))
+                    yield failed_summary(out, tar, source, _first_line(exc), fmt)
                     hand_out(actor)
                     continue
                 except RayActorError as exc:
-                    if exc.actor_init_failed:  # the model did not load: every actor would fail the same way
-                        raise RuntimeError(
-                            f"a Ray worker could not load {checkpoint}: {_first_line(exc)}"
-                        ) from None
+                    _stop_if_init_failed(exc, checkpoint)
                     deaths[str(tar)] += 1
                     actors.discard(actor)
                     ray.kill(actor, no_restart=True)
@@ -319,24 +275,28 @@ def score_tars_on_ray(
                         if idle:
                             hand_out(idle.pop())
                     else:
-                        yield _failed(
-                            tar, table, manifest, source, f"its Ray actor died {deaths[str(tar)]} times"
-                        )
+                        error = f"its Ray actor died {deaths[str(tar)]} times"
+                        yield failed_summary(out, tar, source, error, fmt)
                     # a replacement takes work once placed and loaded (it may never be, when its node is gone)
                     replacement = new_actor()
                     starting[replacement.where.remote()] = replacement
                     continue
-                yield summary_from_dict(result)
+                yield result
                 hand_out(actor)
             for tar in pending:  # every actor died and no replacement could start
-                table, manifest = output_paths(out, tar, fmt)
-                yield _failed(tar, table, manifest, source, "no Ray actor was left to score it")
+                yield failed_summary(out, tar, source, "no Ray actor was left to score it", fmt)
         finally:
             for actor in [*actors, *starting.values()]:
                 ray.kill(actor, no_restart=True)
     finally:
         if started:
             ray.shutdown()
+
+
+def _stop_if_init_failed(exc: Any, checkpoint: str) -> None:
+    """An actor whose model did not load: every actor would fail the same way, so the run stops here."""
+    if exc.actor_init_failed:
+        raise RuntimeError(f"a Ray worker could not load {checkpoint}: {_first_line(exc)}") from None
 
 
 def _first_line(exc: BaseException) -> str:

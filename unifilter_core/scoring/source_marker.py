@@ -79,15 +79,9 @@ def check_source_marker(
 def write_source_marker(
     out_dir: str | os.PathLike[str], source: str, input_dir: str | os.PathLike[str]
 ) -> None:
-    """Write the marker (atomically) when the folder has none; creates the folder."""
-    from unifilter_core.data import write_manifest_json
-
+    """Write the marker (atomically; one put on a store) when the folder has none; creates the folder."""
     marker = marker_path(out_dir)
     if marker.is_file():
         return
     doc = {"source": source, "input": _input_name(input_dir)}
-    if storage.is_url(marker):
-        storage.write_text(marker, json.dumps(doc, indent=2, sort_keys=True) + "\n")
-        return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    write_manifest_json(marker, doc)
+    storage.write_text(marker, json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
