@@ -38,14 +38,20 @@ class _PausingConnection:
     def __init__(self, conn: duckdb.DuckDBPyConnection, when: str, prefix: str, marker: str) -> None:
         self._conn, self._when, self._prefix, self._marker = conn, when, prefix, marker
 
-    def execute(self, sql: str, *args: Any, **kwargs: Any) -> Any:
+    def _run(self, method: str, sql: str, *args: Any, **kwargs: Any) -> Any:
         hit = " ".join(str(sql).split()).upper().startswith(self._prefix.upper())
         if hit and self._when == "before":
             _pause(self._marker)
-        result = self._conn.execute(sql, *args, **kwargs)
+        result = getattr(self._conn, method)(sql, *args, **kwargs)
         if hit:
             _pause(self._marker)
         return result
+
+    def execute(self, sql: str, *args: Any, **kwargs: Any) -> Any:
+        return self._run("execute", sql, *args, **kwargs)
+
+    def executemany(self, sql: str, *args: Any, **kwargs: Any) -> Any:
+        return self._run("executemany", sql, *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._conn, name)

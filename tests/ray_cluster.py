@@ -4,12 +4,15 @@ Run as ``unshare -n python -m tests.ray_cluster SPEC.json`` (root; :func:`run_in
 loopback interface (Ray then binds 127.0.0.1 and reaches nothing else), starts a head and a worker node with
 ``ray start --block`` (one CPU each, temp dir under the spec's folder), waits until both are alive, runs the
 spec's command with ``RAY_ADDRESS`` set, and stops every process it started by PID (never Ray's own stop
-command, which would end every Ray process of the machine). Leaving the namespace, nothing of the cluster survives: any process
+command, which would end every Ray process of the machine). The cluster uses Ray's token authentication
+(``RAY_AUTH_MODE=token``, a fresh ``RAY_AUTH_TOKEN`` per cluster, given to the nodes and the command through
+their environment only; ``<workdir>/auth_token`` keeps it for the test to look for leaks). Leaving the namespace, nothing of the cluster survives: any process
 still in it is killed.
 
 SPEC: ``{"command": [...], "workdir": DIR, "env": {...}, "timeout": S, "kill_worker_after": PATTERN}`` where
 ``kill_worker_after`` (optional) is a glob under ``workdir``: once a file matches it, the worker node's processes
-are SIGKILLed (a node lost mid-run). The command's output goes to ``<workdir>/command.log``, its exit code to
+are SIGKILLed (a node lost mid-run). With ``"try_without_token": true`` a driver without the token first tries
+to connect; its exit code goes to ``<workdir>/untokened.rc`` (non-zero: refused). The command's output goes to ``<workdir>/command.log``, its exit code to
 ``<workdir>/command.rc``.
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -91,9 +95,22 @@ def _kill_group(proc: subprocess.Popen, sig: int) -> None:
         os.killpg(proc.pid, sig)
 
 
+_UNTOKENED = (
+    "import ray, sys\n"
+    "try:\n"
+    "    ray.init(address=sys.argv[1], log_to_driver=False)\n"
+    "except Exception as exc:\n"
+    "    print(type(exc).__name__, exc)\n"
+    "    sys.exit(3)\n"
+)
+
+
 def main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     work = Path(spec["workdir"])
+    token = secrets.token_hex(32)
+    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})  # the nodes and drivers inherit it
+    (work / "auth_token").write_text(token)
     (work / "netns").write_text(os.readlink("/proc/self/ns/net"))  # for the caller's clean-up on a time-out
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # AF_UNIX socket paths must stay under 108 bytes
@@ -107,6 +124,12 @@ def main(spec_path: str) -> int:
         _wait_for_nodes(1, 60)
         worker = _start([f"--address=127.0.0.1:{PORT}", *common], work / "worker.log")
         _wait_for_nodes(2, 60)
+        if spec.get("try_without_token"):
+            bare = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN"}
+            tried = subprocess.run([sys.executable, "-c", _UNTOKENED, f"127.0.0.1:{PORT}"], env=bare,
+                                   capture_output=True, text=True, timeout=120)  # fmt: skip
+            (work / "untokened.rc").write_text(str(tried.returncode))
+            (work / "untokened.log").write_text(tried.stdout + tried.stderr)
         env = {**os.environ, **spec.get("env", {}), "RAY_ADDRESS": f"127.0.0.1:{PORT}"}
         with open(work / "command.log", "wb") as log:
             command = subprocess.Popen(

@@ -15,7 +15,8 @@ import unifilter_core.scorer as scorer_module
 import unifilter_core.scoring as scoring
 from tests.test_scoring_engine import caption_members, write_tar
 from unifilter_core.cli import main
-from unifilter_core.partition_steps import TarSource, score_partition
+from unifilter_core.partition_groups import PartitionTars, score_partition_tars
+from unifilter_core.partition_steps import TarSource
 from unifilter_core.scoring import output
 from unifilter_core.scoring.source_marker import SourceMismatchError, write_source_marker
 
@@ -80,9 +81,13 @@ def test_two_inputs_of_one_name_never_share_a_score_folder(
 def test_score_partition_refuses_a_moved_source_path(tmp_path: Path) -> None:
     old, new = _shards(tmp_path / "old", [0]), _shards(tmp_path / "new", [0])
     write_source_marker(tmp_path / "scores" / "src", "src", old)
-    spec = TarSource("src", "caption", str(new))
+    part = PartitionTars(
+        TarSource("src", "caption", str(new)), "src_0000", [("src_0000", new / "00000000.tar")]
+    )
+    loads: list[int] = []
     with pytest.raises(SourceMismatchError, match="holds tables of input"):
-        score_partition(tmp_path, spec, new / "00000000.tar", "src_0000", scorer=None)
+        score_partition_tars(tmp_path, part, request_keys={"src_0000": "k"}, load=lambda: loads.append(1))
+    assert not loads
     assert not list((tmp_path / "scores" / "src").glob("*.parquet"))
 
 

@@ -13,7 +13,7 @@ import logging
 import re
 import tempfile
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +48,14 @@ class TarSource:
         kind: ``caption`` (DataComp/img2dataset layout) or ``interleaved`` (OBELICS layout).
         path: the folder holding the tars, or a store URL (``s3://bucket/shards``); None =
             ``<data root>/sources/<name>``.
+        group_size: tars per partition. 1 (default): one partition per tar (``datacomp_0042``); K > 1: one
+            partition per K consecutive tar ids (``datacomp_0000-0255``), scored with one model load.
     """
 
     name: str
     kind: SampleKind
     path: str | None = None
+    group_size: int = 1
 
     def __post_init__(self) -> None:
         if not _SOURCE_NAME.match(self.name):
@@ -63,6 +66,16 @@ class TarSource:
             raise ValueError(
                 f"source {self.name!r}: kind must be one of {', '.join(map(repr, SAMPLE_KINDS))}, got {self.kind!r}"
             )
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ValueError(
+                f"source {self.name!r}: group_size must be an integer >= 1, got {self.group_size!r}"
+            )
+
+    def partition_of(self, tar_id: int) -> str:
+        """The partition key holding tar ``tar_id``: the tar's own key, or its group's (``datacomp_0000-0255``)."""
+        if self.group_size == 1:
+            return f"{self.name}_{tar_id:04d}"
+        return paths.group_key(self.name, *paths.group_of(tar_id, self.group_size))
 
     def directory(self, root: Path) -> Location:
         return storage.resolved(self.path) if self.path else paths.sources_dir(root) / self.name
@@ -152,105 +165,6 @@ def score_table_path(tables: Location, source: str, tar: Location) -> Location:
 
 def filtered_tar_path(tables: Location, source: str, tar: Location) -> Location:
     return paths.filtered_dir(tables, source) / tar.name
-
-
-def score_partition(
-    root: Path,
-    spec: TarSource,
-    tar: Path,
-    partition_key: str,
-    scorer: Any,
-    config: Any = None,
-    *,
-    catalog: Catalog | None = None,
-    progress: bool = False,
-    force: bool = False,
-    request_key: str | None = None,
-    tables: Location | None = None,
-) -> dict[str, Any]:
-    """Score one tar into its score table (skipped when up to date) and record its statistics.
-
-    The table goes to ``<tables>/scores/<source>/`` (:func:`tables_location`: local or a store URL).
-
-    ``request_key`` (:func:`unifilter_core.scoring.resume.request_key`) is recorded in the manifest, so the
-    next identical request is answered by :func:`resume_partition` without the model.
-
-    The score folder must belong to this source's input folder (``.source.json``, written on first use): a
-    source whose ``path`` was changed does not mix its tables with the old folder's.
-
-    Returns:
-        Figures: rows, counts by status and reason, samples/s, paths, fingerprints, score mean/quantiles.
-
-    Raises:
-        SourceMismatchError: the score folder holds tables of another input folder (a ValueError).
-    """
-    from unifilter_core.scoring import score_tar
-    from unifilter_core.scoring.source_marker import check_source_marker, write_source_marker
-
-    out = score_table_path(tables_location(root, tables, catalog), spec.name, tar)
-    hint = "move or delete that score folder, or give this source another name"
-    check_source_marker(out.parent, spec.name, tar.parent, hint=hint)
-    write_source_marker(out.parent, spec.name, tar.parent)
-    summary = score_tar(
-        tar,
-        scorer,
-        out,
-        kind=spec.kind,
-        source=spec.name,
-        partition_key=partition_key,
-        config=config,
-        progress=progress,
-        force=force,
-        request_key=request_key,
-    )
-    result: dict[str, Any] = {"summary": summary, "table": str(out)}
-    if catalog is not None:
-        stats = catalog.record_score_stats(partition_key, out)
-        result["stats"] = asdict(stats)
-    return result
-
-
-def partition_is_resumable(
-    root: Path, spec: TarSource, tar: Location, request_key: str, *, tables: Location | None = None
-) -> bool:
-    """Whether the tar's table records ``request_key`` (see :func:`resume_partition`); reads only the manifest."""
-    from unifilter_core.scoring.resume import resumable_manifest
-
-    table = score_table_path(tables_location(root, tables), spec.name, tar)
-    return resumable_manifest(table, request_key) is not None
-
-
-def resume_partition(
-    root: Path,
-    spec: TarSource,
-    tar: Path,
-    partition_key: str,
-    request_key: str,
-    *,
-    catalog: Catalog | None = None,
-    tables: Location | None = None,
-) -> dict[str, Any] | None:
-    """What :func:`score_partition` returns for an up-to-date table, found from its manifest alone; else None.
-
-    Neither the model nor the tar is read: the manifest must record ``request_key`` (same tar, checkpoint files
-    and settings by size and mtime, see :mod:`unifilter_core.scoring.resume`). Statistics are recomputed from
-    the table when ``catalog`` is given, as after scoring. None means "score it" (the full check may still
-    resume after hashing the tar).
-    """
-    from unifilter_core.scoring.resume import resumable_manifest
-    from unifilter_core.scoring.source_marker import check_source_marker
-    from unifilter_core.scoring.summary import summary_from_manifest
-
-    out = score_table_path(tables_location(root, tables, catalog), spec.name, tar)
-    if resumable_manifest(out, request_key) is None:
-        return None
-    hint = "move or delete that score folder, or give this source another name"
-    check_source_marker(out.parent, spec.name, tar.parent, hint=hint)
-    summary = summary_from_manifest(tar, out, partition_key)
-    result: dict[str, Any] = {"summary": summary, "table": str(out)}
-    if catalog is not None:
-        result["stats"] = asdict(catalog.record_score_stats(partition_key, out))
-    return result
 
 
 def choose_thresholds(

@@ -89,3 +89,36 @@ def parse_partition_key(key: str) -> tuple[str, int]:
     if not sep or not source or not (num.isascii() and num.isdigit()):
         raise ValueError(f"partition key {key!r} is not of the form <source>_<NNNN>")
     return source, int(num)
+
+
+def group_key(source: str, first: int, last: int) -> str:
+    """The partition key of tars ``first..last`` of a grouped source: ``datacomp_0000-0255``."""
+    if not 0 <= first <= last:
+        raise ValueError(
+            f"a tar group runs from a first to a last tar id (0 <= first <= last), got {first}-{last}"
+        )
+    return f"{source}_{first:04d}-{last:04d}"
+
+
+def group_of(tar_id: int, group_size: int) -> tuple[int, int]:
+    """The first and last tar id of the group of ``group_size`` tars holding ``tar_id`` (groups start at 0)."""
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    first = tar_id - tar_id % group_size
+    return first, first + group_size - 1
+
+
+def parse_partition(key: str) -> tuple[str, int, int]:
+    """A tar key or a group key as ``(source, first tar id, last tar id)``: ``obelics_0042`` ->
+    (``obelics``, 42, 42); ``datacomp_0000-0255`` -> (``datacomp``, 0, 255)."""
+    source, sep, ids = key.rpartition("_")
+    first, dash, last = ids.partition("-")
+    numbers = [first, last] if dash else [first]
+    if not sep or not source or not all(n.isascii() and n.isdigit() for n in numbers):
+        raise ValueError(
+            f"partition key {key!r} is not of the form <source>_<NNNN> or <source>_<first>-<last>"
+        )
+    lo, hi = int(first), int(last) if dash else int(first)
+    if hi < lo:
+        raise ValueError(f"partition key {key!r}: the last tar id is below the first")
+    return source, lo, hi

@@ -89,6 +89,14 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------- fingerprint
+_LOADS = 0  # models this process has loaded (load_scorer calls that reached the weights)
+
+
+def models_loaded() -> int:
+    """How many models :func:`load_scorer` has loaded in this process (a Ray actor records it per tar)."""
+    return _LOADS
+
+
 _DIGEST_CACHE: dict[tuple[str, int, int], str] = {}
 _DIGEST_LOCK = threading.Lock()
 
@@ -415,6 +423,8 @@ def load_scorer(
         attn_implementation=settings.attn_implementation,
     )
     model.to(settings.device).eval()
+    global _LOADS
+    _LOADS += 1
     if settings.compile_vision not in (None, "none"):
         from unifilter_core.modeling.packing import compile_vision_tower
 

@@ -7,6 +7,8 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 from dagster_shared.check import CheckError
 
+from unifilter_core.catalog import TarRecord
+from unifilter_core.partition_groups import partition_of
 from unifilter_core.partition_steps import discover_tar_records
 from unifilter_dagster.assets.tars import filtered_dataset, scores
 from unifilter_dagster.assets.training import stage1_projector, stage2_classifier
@@ -47,16 +49,17 @@ def _run_request(key: str, num_gpus: int, reason: str) -> dg.RunRequest:
     )
 
 
-#: new tars one sensor tick registers and requests at most: a first tick over a million new tars would outrun the
-#: tick's time limit and the reply size limit of Dagster's gRPC
-MAX_NEW_TARS_PER_TICK = 5_000
+#: partitions one sensor tick requests at most (with all their new tars): a first tick over a million new
+#: single-tar partitions would outrun the tick's time limit and the reply size limit of Dagster's gRPC
+MAX_NEW_PARTITIONS_PER_TICK = 5_000
 
 
 @dg.sensor(
     job=score_tars_job,
     minimum_interval_seconds=60,
     default_status=dg.DefaultSensorStatus.STOPPED,
-    description="Registers tars that appear under the sources as partitions and requests their scoring.",
+    description="Registers tars that appear under the sources (as partitions: tars or tar groups) and requests "
+    "the scoring of the partitions that gained tars.",
 )
 def new_tars_sensor(
     context: dg.SensorEvaluationContext,
@@ -64,21 +67,35 @@ def new_tars_sensor(
     duckdb: DuckDBResource,
     scoring_model: ScoringModelResource,
 ) -> dg.SensorResult | dg.SkipReason:
-    records = discover_tar_records(home.root_path, home.source_specs())
+    specs = {s.name: s for s in home.source_specs()}
+    records = discover_tar_records(home.root_path, list(specs.values()))
+    catalog = home.catalog(duckdb)
+    known = catalog.tar_keys()
     existing = set(context.instance.get_dynamic_partitions(tars_partitions.name))
-    new = [r for r in records if r.partition_key not in existing]
-    if not new:
+    by_partition: dict[str, list[TarRecord]] = {}
+    for r in records:  # new: a tar the catalog lacks, or one whose partition Dagster lacks
+        key = str(partition_of(r.partition_key, specs))
+        if r.partition_key not in known or key not in existing:
+            by_partition.setdefault(key, []).append(r)
+    if not by_partition:
         return dg.SkipReason(f"no new tars ({len(records)} registered)")
-    if len(new) > MAX_NEW_TARS_PER_TICK:  # a bounded tick: the rest come on the next ticks
+    keys = sorted(by_partition)
+    if len(keys) > MAX_NEW_PARTITIONS_PER_TICK:  # a bounded tick: the rest come on the next ticks
         context.log.info(
-            "%d new tars: registering the first %d, the rest on later ticks", len(new), MAX_NEW_TARS_PER_TICK
+            "%d partitions gained tars: registering the first %d, the rest on later ticks",
+            len(keys),
+            MAX_NEW_PARTITIONS_PER_TICK,
         )
-        new = new[:MAX_NEW_TARS_PER_TICK]
-    home.catalog(duckdb).register_tars(new)
-    keys = [r.partition_key for r in new]
+        keys = keys[:MAX_NEW_PARTITIONS_PER_TICK]
+    catalog.register_tars([r for k in keys for r in by_partition[k]])
+    added = [k for k in keys if k not in existing]
+    # a group that gained a tar is scored again (its other tars resume from their manifests)
+    requests = [
+        _run_request(k, scoring_model.num_gpus, f"new-{by_partition[k][-1].partition_key}") for k in keys
+    ]
     return dg.SensorResult(
-        run_requests=[_run_request(k, scoring_model.num_gpus, "new") for k in keys],
-        dynamic_partitions_requests=[tars_partitions.build_add_request(keys)],
+        run_requests=requests,
+        dynamic_partitions_requests=[tars_partitions.build_add_request(added)] if added else [],
     )
 
 
@@ -86,7 +103,8 @@ def new_tars_sensor(
     cron_schedule="0 3 * * *",
     job=score_tars_job,
     default_status=dg.DefaultScheduleStatus.STOPPED,
-    description="Nightly: rescore partitions whose score table is missing or was made by another model.",
+    description="Nightly: rescore partitions with a tar whose score table is missing or was made by another "
+    "model.",
 )
 def stale_scores_schedule(
     context: dg.ScheduleEvaluationContext,
@@ -102,7 +120,9 @@ def stale_scores_schedule(
         return dg.SkipReason(str(exc))
     fingerprint = checkpoint_fingerprint(checkpoint)
     registered = set(context.instance.get_dynamic_partitions(tars_partitions.name))
-    stale = [k for k in home.catalog(duckdb).stale_partitions(fingerprint) if k in registered]
+    specs = {s.name: s for s in home.source_specs()}
+    partitions = {partition_of(k, specs) for k in home.catalog(duckdb).stale_partitions(fingerprint)}
+    stale = sorted(k for k in partitions if k in registered)
     if not stale:
         return dg.SkipReason("every registered partition is scored by the current model")
     return [_run_request(k, scoring_model.num_gpus, f"stale-{_tick_label(context)}") for k in stale]

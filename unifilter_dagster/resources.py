@@ -29,6 +29,12 @@ class SourceConfig(dg.Config):
         default=None,
         description="folder of tars or a store URL (s3://bucket/shards); default <data root>/sources/<name>",
     )
+    group_size: int = Field(
+        default=1,
+        description="tars per partition: 1 = one per tar (datacomp_0042); K = one per K tar ids "
+        "(datacomp_0000-0255), scored with one model load. Set it past ~10k tars (Dagster advises <100k "
+        "partitions per asset)",
+    )
 
 
 class WorldSettings(dg.Config):
@@ -62,7 +68,8 @@ class UniFilterHome(dg.ConfigurableResource):
     root: str = Field(description="data root (UNIFILTER_HOME); every artefact lives under it")
     sources: list[SourceConfig] = Field(
         default_factory=lambda: [
-            SourceConfig(name=s.name, kind=s.kind, path=s.path) for s in DEFAULT_SOURCES
+            SourceConfig(name=s.name, kind=s.kind, path=s.path, group_size=s.group_size)
+            for s in DEFAULT_SOURCES
         ],
         description="input sources; the world writes datacomp (caption) and obelics (interleaved)",
     )
@@ -87,7 +94,7 @@ class UniFilterHome(dg.ConfigurableResource):
         return paths.tables_root(self.root_path, self.tables)
 
     def source_specs(self) -> list[TarSource]:
-        return [TarSource(s.name, s.kind, s.path) for s in self.sources]
+        return [TarSource(s.name, s.kind, s.path, s.group_size) for s in self.sources]
 
     def catalog(self, duckdb: DuckDBResource) -> Any:
         from unifilter_core.catalog import Catalog
@@ -162,6 +169,14 @@ class ScoringModelResource(dg.ConfigurableResource):
     packing: str = Field(default="auto", description="off | on | auto: padding-free packed batches on GPU")
     compile_vision: str | None = Field(default=None, description="torch.compile mode for the tower (GPU)")
     vision_batch_size: int | None = Field(default=None, description="images per vision-tower call")
+    executor: str = Field(
+        default="local",
+        description="local: score in the run's process; ray: hand the partition's tars to actors on the Ray "
+        "cluster at ray_address (one resident model per actor). Ray's token comes from RAY_AUTH_TOKEN only",
+    )
+    ray_address: str | None = Field(default=None, description="auto, <head>:6379 or ray://<head>:10001")
+    ray_workers: int | None = Field(default=None, description="actors (default one per GPU, else per CPU)")
+    ray_cpus_per_worker: float = Field(default=1.0, description="CPUs each actor reserves")
 
     _loaded: dict[tuple[Any, ...], Any] = PrivateAttr(default_factory=dict)
     _lock: Any = PrivateAttr(default_factory=threading.Lock)
@@ -210,6 +225,23 @@ class ScoringModelResource(dg.ConfigurableResource):
             config=config,
             extra_dirs=extra,
         )
+
+    def ray_target(self, root: Path) -> Any:
+        """Where a run's tars are scored: None (in the run's process) or a
+        :class:`~unifilter_core.scoring.ray_engine.RayTarget` on the cluster at ``ray_address``."""
+        if self.executor not in ("local", "ray"):
+            raise ValueError(f"scoring_model.executor must be 'local' or 'ray', got {self.executor!r}")
+        if self.executor == "local":
+            return None
+        if not self.ray_address:
+            raise ValueError("scoring_model.executor is 'ray': set ray_address (auto or <head>:6379)")
+        from unifilter_core.scorer import resolve_checkpoint
+        from unifilter_core.scoring.ray_engine import RaySettings, RayTarget
+        from unifilter_core.scoring.settings import ScoringSettings
+
+        ray = RaySettings(self.ray_address, self.ray_workers, self.ray_cpus_per_worker)
+        checkpoint = resolve_checkpoint(self.resolve_checkpoint(root))
+        return RayTarget(ray, str(checkpoint), ScoringSettings.from_values(self))
 
     def load(self, root: Path, settings: Any) -> Any:
         """A ``Scorer`` with ``settings``; the model is loaded once per run and checkpoint (other settings that

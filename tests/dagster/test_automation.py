@@ -130,7 +130,7 @@ def test_sensor_ticks_are_bounded_and_the_rest_come_next(
 ) -> None:
     import unifilter_dagster.automation as automation
 
-    monkeypatch.setattr(automation, "MAX_NEW_TARS_PER_TICK", 2)
+    monkeypatch.setattr(automation, "MAX_NEW_PARTITIONS_PER_TICK", 2)
     resources = world.resources()
     seen: list[str] = []
     with dg.DagsterInstance.ephemeral() as instance:

@@ -182,6 +182,11 @@ class Catalog:
         rows = self._read(lambda conn: conn.execute(sql, [source, source]).fetchall())
         return [TarRecord(*r) for r in rows]
 
+    def tar_keys(self) -> set[str]:
+        """The partition keys of every registered tar (one column: cheap at a million tars)."""
+        rows = self._read(lambda conn: conn.execute("SELECT partition_key FROM tars").fetchall())
+        return {r[0] for r in rows}
+
     # -- lineage --------------------------------------------------------------------------------------------
 
     def record_lineage(
@@ -241,24 +246,34 @@ class Catalog:
         """Summarise one score parquet into ``score_stats`` (replacing the partition's row) and keep the
         ``scores`` view current (unless ``update_view`` is False: the caller rebuilds it once after many).
         Statistics are computed before the lock is taken."""
-        stats = compute_score_stats(partition_key, parquet_path)
-        d = asdict(stats)
-        cols = list(d)
+        return self.record_score_stats_many([(partition_key, parquet_path)], update_view=update_view)[0]
+
+    def record_score_stats_many(
+        self, tables: Sequence[tuple[str, str | Path]], *, update_view: bool = True
+    ) -> list[ScoreStats]:
+        """:meth:`record_score_stats` for many ``(partition_key, parquet_path)`` pairs in one write (a tar
+        group's tables): statistics are computed first, then written under one lock."""
+        stats = [compute_score_stats(key, path) for key, path in tables]
+        if not stats:
+            return []
+        cols = list(asdict(stats[0]))
         placeholders = ", ".join("MAP(?::VARCHAR[], ?::BIGINT[])" if c == "reasons" else "?" for c in cols)
-        params: list[Any] = []
-        for c in cols:
-            if c == "reasons":
-                params += [list(stats.reasons), list(stats.reasons.values())]
-            else:
-                params.append(d[c])
-        params.append(schema.utcnow())
+        now = schema.utcnow()
+        rows: list[list[Any]] = []
+        for one in stats:
+            d = asdict(one)
+            params: list[Any] = []
+            for c in cols:
+                params += [list(one.reasons), list(one.reasons.values())] if c == "reasons" else [d[c]]
+            rows.append([*params, now])
         sql = f"INSERT INTO score_stats ({', '.join(cols)}, updated_at) VALUES ({placeholders}, ?)"
+        keys = [[one.partition_key] for one in stats]
 
         def work(conn: duckdb.DuckDBPyConnection) -> None:
-            conn.execute("DELETE FROM score_stats WHERE partition_key = ?", [partition_key])
-            conn.execute(sql, params)
+            conn.executemany("DELETE FROM score_stats WHERE partition_key = ?", keys)
+            conn.executemany(sql, rows)
             if update_view:
-                schema.refresh_view_if_needed(conn, self.tables, stats.score_path)
+                schema.refresh_view_if_needed(conn, self.tables, stats[-1].score_path)
 
         self._write(work)
         return stats

@@ -202,3 +202,19 @@ def find_shard(folder: Path, number: int) -> Path | None:
     found, _ = _scan(folder.resolve())
     match = _check_unique(found).get(number)
     return _absolute(match) if match is not None else None
+
+
+def find_shards(folder: Location, first: int, last: int) -> dict[int, Location]:
+    """The shards of tar ids ``first..last`` in ``folder``, by id (a tar group's; ids without a tar absent).
+
+    Each id's canonical name (``00000042.tar``) is probed; when none of them exists the folder is listed once
+    and its shards in the range are taken, whatever their names. So a group of 256 canonically named tars
+    costs 256 ``stat`` calls (or HEAD requests on a store), never a listing of the whole source. Two names of
+    one id are refused at registration (:func:`discover_tars`), which lists the folder anyway.
+    """
+    hits = {n: folder / f"{n:08d}.tar" for n in range(first, last + 1)}
+    found = {n: _absolute(p) for n, p in hits.items() if p.is_file()}
+    if found or not folder.is_dir():
+        return found
+    listed, _ = _scan(folder if storage.is_url(folder) else folder.resolve())
+    return {n: _absolute(p) for n, p in _check_unique(listed).items() if first <= n <= last}

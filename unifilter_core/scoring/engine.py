@@ -421,6 +421,7 @@ def score_tars(
     progress: bool = True,
     force: bool = False,
     output_format: OutputFormat | str = OutputFormat.UNIFILTER,
+    request_keys: dict[str, str] | None = None,
 ) -> Iterable[TarScoreSummary]:
     """Score many tars into ``<out_dir>/<stem>.parquet``, sharing one set of decode workers.
 
@@ -435,6 +436,7 @@ def score_tars(
         out_dir: the output folder (created when missing).
         kind, source, config, progress, force: as in :func:`score_tar`.
         output_format: as in :func:`score_tar`; ``original`` writes ``<out_dir>/<stem>_quality_score.parquet``.
+        request_keys: by ``str(tar)``, the ``request_key`` of :func:`score_tar` for that tar.
     """
     output_format = OutputFormat(output_format)
     config = config or ScoringConfig()
@@ -455,6 +457,7 @@ def score_tars(
                     force=force,
                     pool=pool,
                     output_format=output_format,
+                    request_key=(request_keys or {}).get(str(tar_path)),
                 )
             except OutputError:
                 raise  # the output folder cannot take files: every later tar would fail the same way

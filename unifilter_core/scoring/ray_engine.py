@@ -68,6 +68,28 @@ class RaySettings:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
 
 
+@dataclass(frozen=True)
+class RayTarget:
+    """A cluster and the model its actors load: where a partition's tars go to be scored
+    (:func:`unifilter_core.partition_groups.score_partition_tars`).
+
+    Attributes:
+        ray_settings: the cluster address and pool width.
+        checkpoint: the classifier folder, as every node sees it.
+        settings: unresolved scoring settings (each actor resolves them on its node).
+    """
+
+    ray_settings: RaySettings
+    checkpoint: str
+    settings: Any
+
+    def score(
+        self, tars: Sequence[Any], out_dir: Any, *, kind: str, source: str, request_keys: dict[str, str]
+    ) -> Iterator[TarScoreSummary]:
+        return score_tars_on_ray(tars, out_dir, checkpoint=self.checkpoint, settings=self.settings, kind=kind,
+                                 source=source, ray_settings=self.ray_settings, request_keys=request_keys)  # fmt: skip
+
+
 class TarScorer:
     """The body of a Ray actor: one loaded scorer, then :meth:`score` per tar (also usable without Ray).
 
@@ -110,8 +132,10 @@ class TarScorer:
         """This actor's ``scored_by`` record."""
         return dict(self.scored_by)
 
-    def score(self, tar: str, table: str, force: bool) -> TarScoreSummary:
-        """Score one tar into ``table``; its summary (pickled back to the driver)."""
+    def score(self, tar: str, table: str, force: bool, request_key: str | None = None) -> TarScoreSummary:
+        """Score one tar into ``table``; its summary (pickled back to the driver). ``scored_by`` also records
+        ``model_loads``, the models this actor's process has loaded so far (1 for a resident model)."""
+        from unifilter_core.scorer import models_loaded
         from unifilter_core.scoring.engine import score_tar
 
         return score_tar(
@@ -124,7 +148,8 @@ class TarScorer:
             progress=False,
             force=force,
             output_format=self.output_format,
-            scored_by=self.scored_by,
+            request_key=request_key,
+            scored_by={**self.scored_by, "model_loads": models_loaded()},
         )
 
 
@@ -188,6 +213,7 @@ def score_tars_on_ray(
     ray_settings: RaySettings,
     force: bool = False,
     output_format: OutputFormat | str = OutputFormat.UNIFILTER,
+    request_keys: dict[str, str] | None = None,
 ) -> Iterator[TarScoreSummary]:
     """Score ``tar_paths`` into ``out_dir`` on a Ray cluster; yields each tar's summary as it finishes.
 
@@ -198,6 +224,8 @@ def score_tars_on_ray(
         settings: unresolved scoring settings (each actor resolves them on its node).
         kind, source, force, output_format: as in :func:`~unifilter_core.scoring.engine.score_tars`.
         ray_settings: the cluster address and pool width.
+        request_keys: by ``str(tar)``, the resume key (:func:`~unifilter_core.scoring.resume.request_key`)
+            each table records, so the next identical request resumes without the model.
 
     Summaries come in completion order, not tar order. A tar that could not be scored has ``error`` set.
     """
@@ -238,7 +266,8 @@ def score_tars_on_ray(
                 return
             tar = pending.popleft()
             table, _ = output_paths(out, tar, fmt)
-            inflight[actor.score.remote(str(tar), str(table), force)] = (actor, tar)
+            rkey = (request_keys or {}).get(str(tar))
+            inflight[actor.score.remote(str(tar), str(table), force, rkey)] = (actor, tar)
 
         try:
             for actor in actors:

@@ -1,23 +1,18 @@
 """Tar-level assets: discovery (partition registration), per-tar scores, the threshold, the filtered tars."""
 
-import math
-from typing import Any
-
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
-from unifilter_core import paths, storage
-from unifilter_core.partition_steps import (
-    choose_thresholds,
-    discover_tar_records,
-    filter_partition,
-    partition_is_resumable,
-    resolve_partition,
-    resume_partition,
-    score_partition,
-    score_quantiles_by_source,
+from unifilter_core import paths
+from unifilter_core.partition_groups import (
+    filter_partition_tars,
+    partition_keys,
+    resolve_tars,
+    score_partition_tars,
+    tars_to_score,
 )
+from unifilter_core.partition_steps import choose_thresholds, discover_tar_records, score_quantiles_by_source
 from unifilter_dagster.assets._meta import (
     CODE_VERSION,
     asset_advice,
@@ -27,14 +22,17 @@ from unifilter_dagster.assets._meta import (
     scalar_metadata,
     timed,
 )
+from unifilter_dagster.assets.score_checks import (
+    RANGE_CHECK,
+    ROWS_CHECK,
+    merged_stats,
+    range_check,
+    row_count_check,
+    score_plots,
+)
 from unifilter_dagster.assets.training import stage2_classifier
 from unifilter_dagster.partitions import GPU_TAG, TARS_PARTITIONS_NAME, tars_partitions
 from unifilter_dagster.resources import ScoringModelResource, UniFilterHome
-
-ROWS_CHECK = "one_row_per_sample"
-RANGE_CHECK = "scores_finite_in_range"
-SCORE_RANGE = (-1.0, 4.0)  # the released regression head outputs about 0..3
-
 
 #: partitions added per call: one call with a million keys fails in SQLite ("too many SQL variables")
 REGISTER_CHUNK = 10_000
@@ -73,7 +71,7 @@ def tar_manifest(
         tars = discover_tar_records(home.root_path, home.source_specs())
         catalog = home.catalog(duckdb)
         catalog.register_tars(tars)
-        new = register_new_partitions(context.instance, [t.partition_key for t in tars])
+        new = register_new_partitions(context.instance, partition_keys(tars, home.source_specs()))
     record(catalog, context, timing, rows=len(tars))
     by_source: dict[str, int] = {}
     for t in tars:
@@ -83,72 +81,8 @@ def tar_manifest(
             "tars": len(tars),
             "new_partitions": len(new),
             "by_source": dg.MetadataValue.json(by_source),
-            "partitions": dg.MetadataValue.json([t.partition_key for t in tars][:200]),
+            "partitions": dg.MetadataValue.json(partition_keys(tars, home.source_specs())[:200]),
         }
-    )
-
-
-def _score_plots(partition_key: str, stats: dict[str, Any]) -> dict[str, dg.MetadataValue]:
-    """The score histogram (with rows by status) and the status / reason count tables of one tar."""
-    from unifilter_core.plots import counts_markdown, score_histogram_png
-
-    by_status = {"ok": stats["n_ok"], "skipped": stats["n_skipped"], "error": stats["n_error"]}
-    png = score_histogram_png(stats["histogram"], stats["hist_edges"], by_status, title=partition_key)
-    return {
-        "score_histogram": image_md(png, f"score histogram of {partition_key}"),
-        "status_counts": dg.MetadataValue.md(counts_markdown(by_status)),
-        "reason_counts": dg.MetadataValue.md(counts_markdown(stats.get("reasons") or {}, key="reason")),
-    }
-
-
-def _row_count_check(table: str, manifest: dict[str, Any]) -> dg.AssetCheckResult:
-    """Rows against the independent listing the engine recorded (a header walk that does not share its reader).
-
-    Fails when a sample key of the tar has no row, or when the manifest has no listing to compare with (a table
-    written before the listing existed: rescore it).
-    """
-    import pyarrow.parquet as pq
-
-    with storage.location(table).open("rb") as handle:
-        rows = pq.ParquetFile(handle).metadata.num_rows
-    listing = manifest.get("listing")
-    if not isinstance(listing, dict):
-        return dg.AssetCheckResult(
-            check_name=ROWS_CHECK,
-            passed=False,
-            metadata={"table_rows": rows},
-            description="the manifest has no independent listing of the tar; rescore the partition (--force)",
-        )
-    missing = int(listing.get("missing_keys", 0))
-    samples = int(listing.get("samples", 0))
-    return dg.AssetCheckResult(
-        check_name=ROWS_CHECK,
-        passed=missing == 0 and rows >= samples,
-        metadata={
-            "table_rows": rows,
-            "tar_samples": samples,
-            "missing_keys": missing,
-            "missing_examples": dg.MetadataValue.json(listing.get("missing_examples") or []),
-            "listing_error": str(listing.get("error") or ""),
-            **(manifest.get("counts") or {}).get("status", {}),
-        },
-        description="every sample key of the tar (listed independently of the reader) has a row",
-    )
-
-
-def _range_check(table: str) -> dg.AssetCheckResult:
-    import pyarrow.parquet as pq
-
-    with storage.location(table).open("rb") as handle:
-        cols = pq.read_table(handle, columns=["score", "status"]).to_pydict()
-    ok = [s for s, st in zip(cols["score"], cols["status"], strict=True) if st == "ok"]
-    bad = [s for s in ok if s is None or not math.isfinite(s) or not SCORE_RANGE[0] <= s <= SCORE_RANGE[1]]
-    return dg.AssetCheckResult(
-        check_name=RANGE_CHECK,
-        passed=not bad,
-        severity=dg.AssetCheckSeverity.WARN,
-        metadata={"ok_rows": len(ok), "out_of_range": len(bad), "range": str(SCORE_RANGE)},
-        description="scores of ok rows are finite and within the expected range",
     )
 
 
@@ -169,48 +103,73 @@ def scores(
     duckdb: DuckDBResource,
     scoring_model: ScoringModelResource,
 ) -> dg.MaterializeResult:
-    """The score table of one tar: one row per sample (ok, skipped or error, with a reason code).
+    """The score tables of one tar or of a tar group: one row per sample (ok, skipped or error, with a reason).
 
-    An up-to-date table (its manifest records this very request) is answered without loading the model or
-    reading the tar; otherwise the tar is scored (or, when only its timestamp changed, resumed after hashing).
+    Each tar has its own table and manifest. A tar whose table is up to date (its manifest records this very
+    request) is answered without loading the model or reading the tar; the others are scored with one model load
+    for the whole partition, in this process or on the Ray cluster (``scoring_model.executor``).
     """
     root = home.root_path
-    spec, tar = resolve_partition(root, home.source_specs(), context.partition_key)
+    part = resolve_tars(root, home.source_specs(), context.partition_key)
+    kind = part.spec.kind
     # bad options fail here, before the model or the catalog is opened
-    settings = scoring_model.settings(spec.kind, context.run.tags.get(GPU_TAG))
+    settings = scoring_model.settings(kind, context.run.tags.get(GPU_TAG))
     config = settings.scoring_config()
-    key = scoring_model.request_key(root, settings, spec.kind, tar, config)
-    tables = home.tables_location
-    resumable = partition_is_resumable(root, spec, tar, key, tables=tables)
-    scorer = None if resumable else scoring_model.load(root, settings)
-    catalog = home.catalog(duckdb)  # opened once the checkpoint is known to load
+    ray = scoring_model.ray_target(root)
+    keys = {k: scoring_model.request_key(root, settings, kind, tar, config) for k, tar in part.tars}
+    scorer = None
+    if ray is None and tars_to_score(root, part, keys, tables=home.tables_location):
+        scorer = scoring_model.load(root, settings)  # a checkpoint that does not load fails before any write
+    catalog = home.catalog(duckdb)
     with timed() as timing:
-        result = resume_partition(root, spec, tar, context.partition_key, key, catalog=catalog)
-        if result is None:
-            scorer = scorer or scoring_model.load(root, settings)  # the table changed meanwhile
-            result = score_partition(root, spec, tar, context.partition_key, scorer, config, catalog=catalog,
-                                     request_key=key)  # fmt: skip
-    summary, stats = result["summary"], result["stats"]
+        results = score_partition_tars(
+            root, part, request_keys=keys, load=lambda: scorer or scoring_model.load(root, settings),
+            config=config, catalog=catalog, tables=home.tables_location, ray=ray,
+        )  # fmt: skip
     from unifilter_core.scoring import read_manifest
 
-    manifest = read_manifest(summary.manifest_path) or {}
-    fingerprint = manifest.get("model_fingerprint")
-    record(catalog, context, timing, rows=summary.rows, model_fingerprint=fingerprint,
-           input_fingerprint=(manifest.get("tar") or {}).get("fingerprint"))  # fmt: skip
+    good = [r for r in results if r.summary.error is None]
+    manifests = {r.tar_key: read_manifest(r.summary.manifest_path) or {} for r in good}
+    fingerprints = sorted({str(m.get("model_fingerprint")) for m in manifests.values()})
+    rows = sum(r.summary.rows for r in results)
+    single = manifests.get(context.partition_key, {})
+    record(catalog, context, timing, rows=rows, model_fingerprint=",".join(fingerprints) or None,
+           input_fingerprint=(single.get("tar") or {}).get("fingerprint"),
+           status="success" if len(good) == len(results) else "failure")  # fmt: skip
+    failed = [f"{r.tar_key}: {r.summary.error}" for r in results if r.summary.error is not None]
+    if failed:  # the tars that scored keep their tables and statistics; a rerun scores only the rest
+        raise dg.Failure(
+            description=f"{len(failed)} of {len(results)} tar(s) could not be scored: "
+            + "; ".join(failed[:5]),
+            metadata={"failed_tars": dg.MetadataValue.json(failed[:50]), "scored_tars": len(good)},
+        )
+    stats = merged_stats([r.stats for r in results if r.stats is not None])
+    wall = sum(r.summary.wall_s for r in results)
     stat_view = {k: stats.get(k) for k in ("n_ok", "n_skipped", "n_error", "mean", "p05", "p50", "p95")}
+    by_reason: dict[str, int] = {}
+    for r in results:
+        for reason, n in r.summary.by_reason.items():
+            by_reason[reason] = by_reason.get(reason, 0) + n
     return dg.MaterializeResult(
         metadata={
-            "tar": dg.MetadataValue.path(str(tar)),
-            "table": dg.MetadataValue.path(result["table"]),
-            "rows": summary.rows,
-            "resumed": summary.resumed,
-            "samples_per_s": round(summary.samples_per_s, 2),
-            "model_fingerprint": str(fingerprint),
-            "reasons": dg.MetadataValue.json(summary.by_reason),
+            "tars": len(results),
+            "tar": dg.MetadataValue.path(str(part.tars[0][1])) if len(results) == 1 else "-",
+            "table": dg.MetadataValue.path(results[0].table) if len(results) == 1 else "-",
+            "rows": rows,
+            "resumed": all(r.summary.resumed for r in results),  # nothing was scored
+            "resumed_tars": sum(r.summary.resumed for r in results),
+            "samples_per_s": round(sum(r.summary.rows for r in results if not r.summary.resumed) / wall, 2)
+            if wall
+            else 0.0,
+            "model_fingerprint": ",".join(fingerprints),
+            "reasons": dg.MetadataValue.json(by_reason),
             **scalar_metadata(stat_view),
-            **_score_plots(context.partition_key, stats),
+            **score_plots(context.partition_key, stats),
         },
-        check_results=[_row_count_check(result["table"], manifest), _range_check(result["table"])],
+        check_results=[
+            row_count_check([(r.tar_key, r.table, manifests[r.tar_key]) for r in good]),
+            range_check([r.table for r in good]),
+        ],
     )
 
 
@@ -264,12 +223,25 @@ def quality_threshold(
 def filtered_dataset(
     context: dg.AssetExecutionContext, home: UniFilterHome, duckdb: DuckDBResource
 ) -> dg.MaterializeResult:
-    """The kept samples of one tar as a webdataset tar (original members and keys) plus a manifest."""
+    """The kept samples of each tar of the partition as a webdataset tar (original members and keys) plus a
+    manifest per tar."""
     root = home.root_path
-    spec, tar = resolve_partition(root, home.source_specs(), context.partition_key)
+    part = resolve_tars(root, home.source_specs(), context.partition_key)
     with timed() as timing, asset_advice():
-        result = filter_partition(root, spec, tar, context.partition_key, tables=home.tables_location)
-    record(home.catalog(duckdb), context, timing, rows=result["kept"])
+        results = filter_partition_tars(root, part, tables=home.tables_location)
+    kept = sum(r["kept"] for r in results)
+    record(home.catalog(duckdb), context, timing, rows=kept)
+    if len(results) == 1:
+        return dg.MaterializeResult(
+            metadata={"path": dg.MetadataValue.path(results[0]["path"]), **scalar_metadata(results[0])}
+        )
     return dg.MaterializeResult(
-        metadata={"path": dg.MetadataValue.path(result["path"]), **scalar_metadata(result)}
+        metadata={
+            "tars": len(results),
+            "kept": kept,
+            "dropped": sum(r["dropped"] for r in results),
+            "unsafe": sum(r["unsafe"] for r in results),
+            "threshold": results[0]["threshold"],
+            "paths": dg.MetadataValue.json([r["path"] for r in results][:50]),
+        }
     )
