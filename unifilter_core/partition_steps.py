@@ -174,16 +174,21 @@ def choose_thresholds(
     keep_fraction: float | None = None,
     absolute: float | None = None,
     model_fingerprint: str | None = None,
+    method: str = "auto",
 ) -> list[ThresholdRow]:
     """Compute (and record in the catalog) one threshold per source; write ``<root>/thresholds.json``.
 
+    ``method``: see :meth:`~unifilter_core.catalog.Catalog.compute_threshold` (``auto``: an exact scan up to
+    10,000 tables, the statistics recorded at scoring time beyond).
+
     Raises:
-        ValueError: invalid keep fraction / absolute score.
+        ValueError: invalid keep fraction / absolute score / method.
         MissingInput: no scored rows at all.
     """
     rows = catalog.compute_threshold(
-        keep_fraction=keep_fraction, absolute=absolute, record=True, model_fingerprint=model_fingerprint
-    )
+        keep_fraction=keep_fraction, absolute=absolute, record=True, model_fingerprint=model_fingerprint,
+        method=method,
+    )  # fmt: skip
     if not rows:
         raise MissingInput("no scored samples yet", needs="scores")
     doc = {r.source: r.to_dict() for r in rows}
@@ -193,17 +198,38 @@ def choose_thresholds(
     return rows
 
 
-def score_quantiles_by_source(catalog: Catalog, points: int = 201) -> dict[str, list[float]]:
-    """``points`` evenly spaced quantiles (0..1) of each source's ok scores, computed by DuckDB.
+def score_quantiles_by_source(
+    catalog: Catalog, points: int = 201, method: str = "exact"
+) -> dict[str, list[float]]:
+    """``points`` evenly spaced quantiles (0..1) of each source's ok scores.
 
     A compact stand-in for millions of scores when drawing a CDF (``unifilter_core.plots.threshold_cdf_png``).
+    ``exact``: computed by DuckDB over every score table; ``stats``: read off the fine histograms (to one bin).
     Sources without an ok score are absent.
     """
     if points < 2:
         raise ValueError(f"points must be >= 2, got {points}")
-    levels = ", ".join(repr(i / (points - 1)) for i in range(points))
+    levels = [i / (points - 1) for i in range(points)]
+    if method == "stats":
+        from unifilter_core.catalog.schema import FINE_LO, FINE_WIDTH
+
+        _, rows = catalog.query(
+            "SELECT source, bin, sum(n) FROM score_hist GROUP BY ALL ORDER BY source, bin"
+        )
+        by_source: dict[str, list[tuple[int, int]]] = {}
+        for source, b, n in rows:
+            by_source.setdefault(str(source), []).append((int(b), int(n)))
+        out = {}
+        for source, bins in by_source.items():
+            edges = np.array(
+                [FINE_LO + b * FINE_WIDTH for b, _ in bins] + [FINE_LO + (bins[-1][0] + 1) * FINE_WIDTH]
+            )
+            cum = np.concatenate([[0.0], np.cumsum([n for _, n in bins])]) / sum(n for _, n in bins)
+            out[source] = [float(np.interp(q, cum, edges)) for q in levels]
+        return out
+    listed = ", ".join(repr(q) for q in levels)
     _, rows = catalog.query(
-        f"SELECT source, quantile_cont(score, [{levels}]) FROM scores "
+        f"SELECT source, quantile_cont(score, [{listed}]) FROM scores "
         "WHERE status = 'ok' AND isfinite(score) GROUP BY source ORDER BY source"
     )
     return {str(source): [float(v) for v in values] for source, values in rows if values}

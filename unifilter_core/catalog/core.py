@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -13,15 +12,19 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from unifilter_core import storage
 from unifilter_core.catalog import schema
 from unifilter_core.catalog._locking import run_read, run_write
-from unifilter_core.catalog.ledger import LEDGER_FIELDS, parse_ledger
 from unifilter_core.catalog.records import TarRecord, as_timestamp, tar_record
-from unifilter_core.catalog.stats import ScoreStats, compute_score_stats, stats_key
+from unifilter_core.catalog.stats import ScoreStats, stats_arrow, table_stats
 from unifilter_core.catalog.thresholds import (
+    AUTO,
+    EXACT,
+    EXACT_MAX_TABLES,
+    METHODS,
+    STATS,
     ThresholdRow,
     query_thresholds,
+    thresholds_from_stats,
     validate_selection,
 )
 from unifilter_core.paths import catalog_path, data_root, tables_root
@@ -243,40 +246,42 @@ class Catalog:
     def record_score_stats(
         self, partition_key: str, parquet_path: str | Path, *, update_view: bool = True
     ) -> ScoreStats:
-        """Summarise one score parquet into ``score_stats`` (replacing the partition's row) and keep the
-        ``scores`` view current (unless ``update_view`` is False: the caller rebuilds it once after many).
-        Statistics are computed before the lock is taken."""
+        """Record one score table's statistics in ``score_stats`` (replacing the partition's row) and keep the
+        ``scores`` view current (unless ``update_view`` is False: the caller rebuilds it once after many)."""
         return self.record_score_stats_many([(partition_key, parquet_path)], update_view=update_view)[0]
 
     def record_score_stats_many(
         self, tables: Sequence[tuple[str, str | Path]], *, update_view: bool = True
     ) -> list[ScoreStats]:
         """:meth:`record_score_stats` for many ``(partition_key, parquet_path)`` pairs in one write (a tar
-        group's tables): statistics are computed first, then written under one lock."""
-        stats = [compute_score_stats(key, path) for key, path in tables]
+        group's tables). The statistics the engine recorded in each table's manifest are used; a table without
+        them (written before they were recorded) is summarised from its parquet."""
+        stats = [table_stats(key, path) for key, path in tables]
+        self.ingest_stats(stats, update_view=update_view)
+        return stats
+
+    def ingest_stats(self, stats: Sequence[ScoreStats], *, update_view: bool = False) -> int:
+        """Write statistics in one transaction: each partition's ``score_stats`` row is replaced and the
+        per-source fine histogram ``score_hist`` gets the difference (so it always sums the current rows)."""
         if not stats:
-            return []
-        cols = list(asdict(stats[0]))
-        placeholders = ", ".join("MAP(?::VARCHAR[], ?::BIGINT[])" if c == "reasons" else "?" for c in cols)
-        now = schema.utcnow()
-        rows: list[list[Any]] = []
-        for one in stats:
-            d = asdict(one)
-            params: list[Any] = []
-            for c in cols:
-                params += [list(one.reasons), list(one.reasons.values())] if c == "reasons" else [d[c]]
-            rows.append([*params, now])
-        sql = f"INSERT INTO score_stats ({', '.join(cols)}, updated_at) VALUES ({placeholders}, ?)"
-        keys = [[one.partition_key] for one in stats]
+            return 0
+        table = stats_arrow(stats, schema.utcnow())
 
         def work(conn: duckdb.DuckDBPyConnection) -> None:
-            conn.executemany("DELETE FROM score_stats WHERE partition_key = ?", keys)
-            conn.executemany(sql, rows)
+            conn.register("_new_stats", table)
+            try:
+                schema.apply_hist_delta(conn, "SELECT partition_key FROM _new_stats", "_new_stats")
+                conn.execute(
+                    "DELETE FROM score_stats WHERE partition_key IN (SELECT partition_key FROM _new_stats)"
+                )
+                conn.execute("INSERT INTO score_stats BY NAME SELECT * FROM _new_stats")
+            finally:
+                conn.unregister("_new_stats")
             if update_view:
                 schema.refresh_view_if_needed(conn, self.tables, stats[-1].score_path)
 
         self._write(work)
-        return stats
+        return len(stats)
 
     def score_stats(self, partition_key: str) -> dict[str, Any] | None:
         """The ``score_stats`` row of a partition as a dict, or None."""
@@ -293,6 +298,9 @@ class Catalog:
         ``keep_registry``. ``lineage_history`` is an audit log and keeps its rows."""
 
         def work(conn: duckdb.DuckDBPyConnection) -> None:
+            conn.execute("CREATE OR REPLACE TEMP TABLE _gone AS SELECT ? AS partition_key", [partition_key])
+            schema.apply_hist_delta(conn, "SELECT partition_key FROM _gone", None)
+            conn.execute("DROP TABLE _gone")
             conn.execute("DELETE FROM score_stats WHERE partition_key = ?", [partition_key])
             conn.execute("DELETE FROM lineage WHERE partition_key = ?", [partition_key])
             if not keep_registry:
@@ -329,8 +337,9 @@ class Catalog:
         record: bool = True,
         model_fingerprint: str | None = None,
         files: schema.ScoreFiles | None = None,
+        method: str = AUTO,
     ) -> list[ThresholdRow]:
-        """Per-source thresholds over the ok rows of every score parquet.
+        """Per-source thresholds over the ok rows of every score table.
 
         Keep-fraction mode (default, ``keep_fraction=0.3`` when neither is given): with n ok scores in a
         source, ``k = max(1, ceil(keep * n))`` and the threshold is the k-th highest score (the score at quantile
@@ -342,28 +351,40 @@ class Catalog:
             absolute: a finite score.
             record: append the rows to ``thresholds`` (one ``selection_id`` per call).
             model_fingerprint: only rows scored by this model.
-            files: the scan of :meth:`score_files` to read (default: scanned now); unreadable tables are left
-                out with a warning, and the caller may report ``files.bad``.
+            files: for the exact method, the scan of :meth:`score_files` to read (default: scanned now);
+                unreadable tables are left out with a warning, and the caller may report ``files.bad``.
+            method: ``exact`` scans every score table; ``stats`` reads the fine histograms recorded at scoring
+                time (``score_hist``: exact to one bin of width
+                :data:`~unifilter_core.catalog.schema.FINE_WIDTH`, seconds at a million tables);
+                ``auto`` (default) is exact up to :data:`EXACT_MAX_TABLES` tables with statistics, and
+                statistics beyond when every table has its fine histogram.
 
         Returns:
             One row per source with ok scores, by source name (empty when nothing is scored yet).
 
         Raises:
-            ValueError: invalid keep_fraction/absolute (checked before any work).
+            ValueError: invalid keep_fraction/absolute/method (checked before any work).
         """
         if absolute is None and keep_fraction is None:
             keep_fraction = DEFAULT_KEEP_FRACTION
         mode, value = validate_selection(keep_fraction, absolute)
+        method = self.threshold_method(method)
         rows: list[ThresholdRow] = []
-        files = files if files is not None else self.score_files()
-        if files.good:
-            conn = self.connect_parquet()  # parquet only: no catalog lock needed
-            try:
-                rows = query_thresholds(
-                    conn, files.good, mode, value, source=source, model_fingerprint=model_fingerprint
-                )
-            finally:
-                conn.close()
+        if method == STATS:
+            rows = self._read(
+                lambda conn: thresholds_from_stats(conn, mode, value, lo=schema.FINE_LO, width=schema.FINE_WIDTH,
+                                                   source=source, model_fingerprint=model_fingerprint)
+            )  # fmt: skip
+        else:
+            files = files if files is not None else self.score_files()
+            if files.good:
+                conn = self.connect_parquet()  # parquet only: no catalog lock needed
+                try:
+                    rows = query_thresholds(
+                        conn, files.good, mode, value, source=source, model_fingerprint=model_fingerprint
+                    )
+                finally:
+                    conn.close()
         now = schema.utcnow()
         for r in rows:
             r.scored_at = now
@@ -371,17 +392,31 @@ class Catalog:
             self._record_thresholds(rows)
         return rows
 
+    def threshold_method(self, method: str = AUTO) -> str:
+        """``exact`` or ``stats``: what :meth:`compute_threshold` does for ``method`` (``auto`` decides by the
+        number of tables with statistics). Raises ValueError for an unknown method."""
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+        if method != AUTO:
+            return method
+        tables, without_fine = self._read(
+            lambda conn: conn.execute(
+                "SELECT count(*), count(*) FILTER (WHERE fine_bins IS NULL) FROM score_stats"
+            ).fetchone()
+        )
+        return STATS if tables > EXACT_MAX_TABLES and not without_fine else EXACT
+
     def _record_thresholds(self, rows: Sequence[ThresholdRow]) -> None:
         selection_id = uuid.uuid4().hex
         params = [
             [selection_id, r.source, r.mode, r.keep_fraction, r.threshold, r.kept, r.total, r.score_mean,
-             r.score_min, r.score_max, r.scored_at, r.model_fingerprint]
+             r.score_min, r.score_max, r.scored_at, r.model_fingerprint, r.method]
             for r in rows
         ]  # fmt: skip
         sql = (
             "INSERT INTO thresholds (selection_id, source, mode, keep_fraction, threshold, kept, total, "
-            "score_mean, score_min, score_max, scored_at, model_fingerprint) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            "score_mean, score_min, score_max, scored_at, model_fingerprint, method) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         )
         self._write(lambda conn: conn.executemany(sql, params))
 
@@ -397,22 +432,12 @@ class Catalog:
         Returns:
             The number of request ids upserted.
         """
+        from unifilter_core.catalog.ledger import ledger_upsert
+
         path = Path(path).resolve()
-        parsed = parse_ledger(path, kind=kind or path.parent.name)
-        if parsed.n_bad:
-            logger.warning("%s: %d unreadable line(s) skipped", path, parsed.n_bad)
-        now = schema.utcnow()
-        params = [[e[name] for name in LEDGER_FIELDS] + [str(path), now] for e in parsed.events]
-        if not params:
-            return 0
-        cols = ", ".join(LEDGER_FIELDS)
-        updates = ", ".join(f"{c} = excluded.{c}" for c in (*LEDGER_FIELDS[1:], "ledger_path", "ingested_at"))
-        sql = (
-            f"INSERT INTO generation_ledger ({cols}, ledger_path, ingested_at) "
-            f"VALUES ({', '.join('?' * (len(LEDGER_FIELDS) + 2))}) "
-            f"ON CONFLICT (request_id) DO UPDATE SET {updates}"
-        )
-        self._write(lambda conn: conn.executemany(sql, params))
+        sql, params = ledger_upsert(path, kind or path.parent.name, schema.utcnow())
+        if params:
+            self._write(lambda conn: conn.executemany(sql, params))
         return len(params)
 
     def ingest_ledgers(self) -> int:
@@ -425,40 +450,23 @@ class Catalog:
         """Schema upgrade, ledger ingestion, stats for score parquet not yet (or no longer freshly) summarised,
         and a scores view rebuild.
 
-        Each table is keyed by the partition key it records (its ``partition_key`` column, else its manifest),
-        so stats join ``tars`` whatever folder the table sits in. A table that does not read is skipped with a
-        warning, never fatal.
+        Each table is keyed by the partition key it records (its manifest, else its ``partition_key`` column),
+        so stats join ``tars`` whatever folder the table sits in; the statistics come from its manifest
+        (recorded at scoring time) and are written in batches (:mod:`unifilter_core.catalog.ingest`). A table
+        that does not read is skipped with a warning, never fatal.
 
         Returns:
             ``ledger_requests`` and ``score_stats`` (counts) and ``unreadable`` (``"path: why"`` per table left
             out).
         """
+        from unifilter_core.catalog.ingest import refresh_stats
+
         self.ensure_schema()
         files = self.score_files()
-        unreadable = [f"{p}: {why}" for p, why in files.bad]
-        done: dict[str, Any] = {"ledger_requests": self.ingest_ledgers(), "score_stats": 0}
-        have = dict(
-            self._read(
-                lambda conn: conn.execute("SELECT score_path, epoch(updated_at) FROM score_stats").fetchall()
-            )
-        )
-        for p in map(storage.location, files.good):
-            rp = str(p) if storage.is_url(p) else str(p.resolve())
-            if rp in have and have[rp] >= p.stat().st_mtime:
-                continue
-            try:
-                key = stats_key(p)
-                if key is None:
-                    continue
-                self.record_score_stats(key, p, update_view=False)
-            except (duckdb.Error, OSError, ValueError) as exc:  # data pages corrupt behind a good footer
-                why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                logger.warning("score table %s does not read, left out of score_stats: %s", p, why)
-                unreadable.append(f"{p}: {why}")
-                continue
-            done["score_stats"] += 1
+        done: dict[str, Any] = {"ledger_requests": self.ingest_ledgers()}
+        done["score_stats"], unreadable = refresh_stats(self, files.good)
         self.refresh_scores_view()
-        done["unreadable"] = unreadable
+        done["unreadable"] = [f"{p}: {why}" for p, why in files.bad] + unreadable
         return done
 
     def query(self, sql: str, params: Sequence[Any] | None = None) -> tuple[list[str], list[tuple[Any, ...]]]:

@@ -152,3 +152,20 @@ def parse_ledger(path: Path, kind: str | None = None) -> LedgerParse:
             row[total] = (row[part] or 0) + (prev[total] if prev else 0)
         latest[row["request_id"]] = row
     return LedgerParse(events=list(latest.values()), n_lines=len(lines), n_bad=n_bad)
+
+
+def ledger_upsert(path: Path, kind: str, now: datetime) -> tuple[str, list[list[Any]]]:
+    """The statement and parameters that upsert the latest event per ``request_id`` of one ledger file into
+    ``generation_ledger`` (torn lines skipped with a warning)."""
+    parsed = parse_ledger(path, kind=kind)
+    if parsed.n_bad:
+        logger.warning("%s: %d unreadable line(s) skipped", path, parsed.n_bad)
+    params = [[e[name] for name in LEDGER_FIELDS] + [str(path), now] for e in parsed.events]
+    cols = ", ".join(LEDGER_FIELDS)
+    updates = ", ".join(f"{c} = excluded.{c}" for c in (*LEDGER_FIELDS[1:], "ledger_path", "ingested_at"))
+    sql = (
+        f"INSERT INTO generation_ledger ({cols}, ledger_path, ingested_at) "
+        f"VALUES ({', '.join('?' * (len(LEDGER_FIELDS) + 2))}) "
+        f"ON CONFLICT (request_id) DO UPDATE SET {updates}"
+    )
+    return sql, params

@@ -19,7 +19,7 @@ from unifilter_core import storage
 logger = logging.getLogger(__name__)
 
 #: Bump when the DDL changes; :func:`migrate` brings older catalogs up to date.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: Fixed histogram bins of ``score_stats.histogram``: 30 bins of width 0.1 over [0, 3] (the released head's
 #: level range). Scores below 0 count in the first bin, scores at or above 3 in the last.
@@ -27,6 +27,14 @@ HIST_LO, HIST_HI, HIST_BINS = 0.0, 3.0, 30
 HIST_EDGES: list[float] = [
     round(HIST_LO + i * (HIST_HI - HIST_LO) / HIST_BINS, 6) for i in range(HIST_BINS + 1)
 ]
+
+#: Fine bins of ``score_stats.fine_bins`` / ``score_hist``: width 0.01 from -1 (bin 0 also holds lower scores;
+#: bin FINE_BINS - 1, from 3.99, also holds higher ones). Thresholds from statistics are exact to one bin.
+FINE_LO, FINE_WIDTH, FINE_BINS = -1.0, 0.01, 500
+
+#: On a store the ``scores`` view lists every committed table; past this many tables a scoring run no longer
+#: rebuilds it (a listing of the whole store per run): ``unifilter catalog refresh`` does
+STORE_VIEW_UPKEEP_MAX_TABLES = 10_000
 
 #: Columns of the ``scores`` view, with their types (the score table of shared_api, minus ``detail``).
 SCORE_COLUMNS: dict[str, str] = {
@@ -142,6 +150,16 @@ CREATE TABLE IF NOT EXISTS generation_ledger (
     total_cost_usd DOUBLE,
     ledger_path VARCHAR,
     ingested_at TIMESTAMP NOT NULL
+);
+ALTER TABLE thresholds ADD COLUMN IF NOT EXISTS method VARCHAR;
+ALTER TABLE score_stats ADD COLUMN IF NOT EXISTS fine_bins INTEGER[];
+ALTER TABLE score_stats ADD COLUMN IF NOT EXISTS fine_counts BIGINT[];
+CREATE TABLE IF NOT EXISTS score_hist (
+    source VARCHAR NOT NULL,
+    model_fingerprint VARCHAR NOT NULL,
+    bin INTEGER NOT NULL,
+    n BIGINT NOT NULL,
+    PRIMARY KEY (source, model_fingerprint, bin)
 );
 CREATE OR REPLACE VIEW sources AS
 SELECT t.source,
@@ -287,9 +305,12 @@ def _view_comment(conn: duckdb.DuckDBPyConnection) -> tuple[set[str], list[str]]
 
 def refresh_view_if_needed(conn: duckdb.DuckDBPyConnection, root: Any, new_parquet: str | None) -> None:
     """Keep the view in step cheaply: rebuild only when files appear/vanish, ``new_parquet`` brings columns
-    the view does not read yet, or the view lists files one by one (some file was left out as unreadable)."""
-    if storage.is_url(root):  # the view lists the committed tables one by one: rebuild it
-        create_scores_view(conn, root)
+    the view does not read yet, or the view lists files one by one (some file was left out as unreadable).
+    On a store the view is rebuilt up to :data:`STORE_VIEW_UPKEEP_MAX_TABLES` tables, then by refreshes only."""
+    if storage.is_url(root):  # the view lists the committed tables one by one: rebuild it, while that is cheap
+        (tables,) = conn.execute("SELECT count(*) FROM score_stats").fetchone() or (0,)
+        if tables <= STORE_VIEW_UPKEEP_MAX_TABLES:
+            create_scores_view(conn, root)
         return
     known = _view_comment(conn)
     has_files = any((root / "scores").glob("*/*.parquet"))
@@ -301,6 +322,29 @@ def refresh_view_if_needed(conn: duckdb.DuckDBPyConnection, root: Any, new_parqu
         if (cols & set(SCORE_COLUMNS)) <= in_view:
             return
     create_scores_view(conn, root)
+
+
+def apply_hist_delta(conn: duckdb.DuckDBPyConnection, replaced: str, added: str | None) -> None:
+    """Keep ``score_hist`` equal to the sum of the ``score_stats`` fine bins: take away the bins of the rows whose
+    partition keys the query ``replaced`` selects, add those of the relation ``added`` (same columns as
+    ``score_stats``), inside the caller's transaction."""
+    parts = [
+        f"""SELECT coalesce(source, '') AS source, coalesce(model_fingerprint, '') AS fp,
+                   unnest(fine_bins) AS bin, unnest(fine_counts) * -1 AS n
+            FROM score_stats WHERE fine_bins IS NOT NULL AND partition_key IN ({replaced})"""
+    ]
+    if added:
+        parts.append(
+            f"""SELECT coalesce(source, '') AS source, coalesce(model_fingerprint, '') AS fp,
+                       unnest(fine_bins) AS bin, unnest(fine_counts) AS n
+                FROM {added} WHERE fine_bins IS NOT NULL"""
+        )
+    conn.execute(
+        f"""INSERT INTO score_hist
+            SELECT source, fp, bin, sum(n) FROM ({" UNION ALL ".join(parts)}) GROUP BY ALL HAVING sum(n) <> 0
+            ON CONFLICT (source, model_fingerprint, bin) DO UPDATE SET n = n + excluded.n"""
+    )
+    conn.execute("DELETE FROM score_hist WHERE n = 0")
 
 
 def current_version(conn: duckdb.DuckDBPyConnection) -> int:

@@ -5,13 +5,24 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import duckdb
 
 from unifilter_core import storage
-from unifilter_core.catalog.schema import HIST_BINS, HIST_EDGES, HIST_HI, HIST_LO, attach_store
+from unifilter_core.catalog.schema import (
+    FINE_BINS,
+    FINE_LO,
+    FINE_WIDTH,
+    HIST_BINS,
+    HIST_EDGES,
+    HIST_HI,
+    HIST_LO,
+    attach_store,
+)
 from unifilter_core.paths import shard_id
 
 logger = logging.getLogger(__name__)
@@ -50,6 +61,9 @@ class ScoreStats:
     Attributes:
         histogram: counts of ok scores over the fixed bins ``hist_edges`` (len(edges) - 1 bins).
         reasons: reason code -> number of rows with it.
+        fine_bins, fine_counts: the non-empty fine bins (``FINE_LO + bin * FINE_WIDTH``, see
+            :data:`~unifilter_core.catalog.schema.FINE_WIDTH`) of the ok scores and their counts, ascending;
+            thresholds from statistics add them up per source.
     """
 
     partition_key: str
@@ -71,6 +85,28 @@ class ScoreStats:
     hist_edges: list[float] = field(default_factory=lambda: list(HIST_EDGES))
     reasons: dict[str, int] = field(default_factory=dict)
     model_fingerprint: str | None = None
+    fine_bins: list[int] = field(default_factory=list)
+    fine_counts: list[int] = field(default_factory=list)
+
+    def to_manifest(self) -> dict:
+        """The statistics a manifest records (``stats``): everything but the key and the path, which the
+        reader knows."""
+        d = asdict(self)
+        for name in ("partition_key", "score_path", "hist_edges"):
+            d.pop(name)
+        return d
+
+
+def stats_from_manifest(doc: dict, partition_key: str, score_path: str) -> ScoreStats | None:
+    """The statistics a manifest recorded at scoring time (``stats``), or None when it has none (written
+    before they were recorded, or another output format)."""
+    recorded = doc.get("stats")
+    if not isinstance(recorded, dict) or "fine_bins" not in recorded:
+        return None
+    try:
+        return ScoreStats(partition_key=partition_key, score_path=score_path, **recorded)
+    except TypeError:  # fields of another version
+        return None
 
 
 def compute_score_stats(partition_key: str, parquet_path: str | Path) -> ScoreStats:
@@ -98,6 +134,7 @@ def compute_score_stats(partition_key: str, parquet_path: str | Path) -> ScoreSt
         hist = [0] * HIST_BINS
         for b, n in conn.execute(_HIST_SQL, [HIST_LO, width, HIST_BINS - 1, p]).fetchall():
             hist[int(b)] = int(n)
+        fine = sorted(conn.execute(_HIST_SQL, [FINE_LO, FINE_WIDTH, FINE_BINS - 1, p]).fetchall())
         reasons = {str(r): int(n) for r, n in conn.execute(_REASONS_SQL, [p]).fetchall()}
     finally:
         conn.close()
@@ -121,6 +158,8 @@ def compute_score_stats(partition_key: str, parquet_path: str | Path) -> ScoreSt
         histogram=hist,
         reasons=reasons,
         model_fingerprint=fps,
+        fine_bins=[int(b) for b, _ in fine],
+        fine_counts=[int(n) for _, n in fine],
     )
 
 
@@ -177,3 +216,37 @@ def stats_key(parquet_path: str | Path) -> str | None:
         )
         return None
     return f"{source or path.parent.name}_{number:04d}"
+
+
+def manifest_of(path: Any) -> Any:
+    """The manifest beside a score table (``<stem>.manifest.json``)."""
+    return path.with_name(path.name.split(".")[0] + ".manifest.json")
+
+
+def table_stats(partition_key: str, parquet_path: str | Path) -> ScoreStats:
+    """A score table's statistics: those its manifest recorded at scoring time, else computed from the parquet
+    (:func:`compute_score_stats`)."""
+    path = storage.location(parquet_path)
+    path = path if storage.is_url(path) else path.resolve()
+    try:
+        doc = json.loads(manifest_of(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        doc = None
+    recorded = stats_from_manifest(doc, partition_key, str(path)) if isinstance(doc, dict) else None
+    return recorded if recorded is not None else compute_score_stats(partition_key, path)
+
+
+def stats_arrow(stats: Sequence[ScoreStats], updated_at: Any) -> Any:
+    """``score_stats`` rows as an Arrow table (one set-based insert instead of a statement per row)."""
+    import pyarrow as pa
+
+    rows = [asdict(s) for s in stats]
+    columns: dict[str, Any] = {name: [r[name] for r in rows] for name in rows[0] if name != "reasons"}
+    types = {"histogram": pa.list_(pa.int64()), "hist_edges": pa.list_(pa.float64()),
+             "fine_bins": pa.list_(pa.int32()), "fine_counts": pa.list_(pa.int64())}  # fmt: skip
+    arrays = {name: pa.array(values, type=types.get(name)) for name, values in columns.items()}
+    arrays["reasons"] = pa.array(
+        [list(r["reasons"].items()) for r in rows], type=pa.map_(pa.string(), pa.int64())
+    )
+    arrays["updated_at"] = pa.array([updated_at] * len(rows), type=pa.timestamp("us"))
+    return pa.table(arrays)

@@ -11,6 +11,10 @@ import duckdb
 
 KEEP_FRACTION = "keep_fraction"
 ABSOLUTE = "absolute"
+EXACT, STATS, AUTO = "exact", "stats", "auto"
+METHODS = (AUTO, EXACT, STATS)
+#: ``auto`` scans the score tables exactly up to this many tables, and reads the statistics beyond
+EXACT_MAX_TABLES = 10_000
 
 # Ok rows with a finite score, optionally restricted to one source and one model fingerprint; every value is a
 # bound parameter: (glob, source, source, fingerprint, fingerprint).
@@ -69,6 +73,9 @@ class ThresholdRow:
         kept: ok samples of the source at or above the threshold (ties can make it exceed keep * total).
         total: ok samples of the source (skipped and error rows are never kept).
         model_fingerprint: the model fingerprint(s) of the rows seen, comma-joined when several.
+        method: ``exact`` (a scan of every ok score) or ``stats`` (the fine histograms recorded at scoring time:
+            the threshold is a bin edge, the k-th highest score lies in the bin above it, ``kept`` counts the
+            scores at or above the edge exactly).
     """
 
     source: str
@@ -82,6 +89,7 @@ class ThresholdRow:
     score_max: float | None = None
     model_fingerprint: str | None = None
     scored_at: datetime | None = None
+    method: str = EXACT
 
     @property
     def kept_share(self) -> float:
@@ -156,6 +164,86 @@ def query_thresholds(
         )
         for r in rows
     ]
+
+
+_HIST = """
+WITH h AS (
+    SELECT source, bin, sum(n) AS n FROM score_hist
+    WHERE (? IS NULL OR source = ?) AND (? IS NULL OR model_fingerprint = ?)
+    GROUP BY source, bin
+),
+c AS (
+    SELECT source, bin, n,
+           sum(n) OVER (PARTITION BY source ORDER BY bin DESC ROWS UNBOUNDED PRECEDING) AS above,
+           sum(n) OVER (PARTITION BY source) AS total
+    FROM h
+)"""
+
+# keep-fraction: the highest bin whose scores and those above reach k = max(1, ceil(keep * n)). Params: keep.
+_HIST_KEEP = (
+    _HIST
+    + """,
+cut AS (
+    SELECT source, max(bin) AS bin FROM c
+    WHERE above >= greatest(1, ceil(? * total - 1e-9)) GROUP BY source
+)
+SELECT source, bin, above, total FROM c JOIN cut USING (source, bin) ORDER BY source"""
+)
+
+# absolute: the scores in bins whose lower edge is at or above the threshold. Params: lo, width, threshold.
+_HIST_ABS = (
+    _HIST
+    + """
+SELECT source, NULL, coalesce(sum(n) FILTER (WHERE ? + bin * ? >= ? - 1e-9), 0), any_value(total)
+FROM c GROUP BY source ORDER BY source"""
+)
+
+_STATS_SUMMARY = """
+SELECT coalesce(source, ''), sum(mean * n_ok) / nullif(sum(n_ok) FILTER (WHERE mean IS NOT NULL), 0),
+       min(min), max(max), string_agg(DISTINCT model_fingerprint, ',' ORDER BY model_fingerprint)
+FROM score_stats
+WHERE (? IS NULL OR source = ?) AND (? IS NULL OR model_fingerprint = ?)
+GROUP BY 1"""
+
+
+def thresholds_from_stats(
+    conn: duckdb.DuckDBPyConnection,
+    mode: str,
+    value: float,
+    *,
+    lo: float,
+    width: float,
+    source: str | None = None,
+    model_fingerprint: str | None = None,
+) -> list[ThresholdRow]:
+    """Per-source thresholds from the catalog's fine histograms (``score_hist``), without reading a table.
+
+    Keep-fraction mode: the threshold is the lower edge of the bin holding the k-th highest score (the lowest
+    score of the source when that is the first bin), so it is at most one bin width below the exact one, and
+    ``kept`` is exactly the number of scores at or above it. Absolute mode counts the bins at or above the
+    threshold (exact to one bin).
+    """
+    base = [source, source, model_fingerprint, model_fingerprint]
+    if mode == KEEP_FRACTION:
+        rows = conn.execute(_HIST_KEEP, [*base, value]).fetchall()
+    else:
+        rows = conn.execute(_HIST_ABS, [*base, lo, width, value]).fetchall()
+    summary = {r[0]: r[1:] for r in conn.execute(_STATS_SUMMARY, base).fetchall()}
+    out = []
+    for src, bin_, kept, total in rows:
+        mean, low, high, fps = summary.get(src, (None, None, None, None))
+        if mode == KEEP_FRACTION:
+            threshold = lo + bin_ * width if bin_ > 0 or low is None else min(low, lo)
+        else:
+            threshold = value
+        out.append(
+            ThresholdRow(
+                source=src, mode=mode, keep_fraction=value if mode == KEEP_FRACTION else None,
+                threshold=round(float(threshold), 9), kept=int(kept), total=int(total), score_mean=mean,
+                score_min=low, score_max=high, model_fingerprint=fps, method=STATS,
+            )
+        )  # fmt: skip
+    return out
 
 
 def format_table(rows: list[ThresholdRow]) -> str:

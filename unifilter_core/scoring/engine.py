@@ -392,6 +392,10 @@ def _score(
             "worker_restarts": getattr(pool, "restarts", 0),
         },
     }
+    if job.output_format == OutputFormat.UNIFILTER:  # the catalog ingests these, not the table
+        from unifilter_core.catalog.stats import compute_score_stats
+
+        meta["stats"] = compute_score_stats(job.pkey, job.table).to_manifest()
     write_manifest(job.manifest_path, _build_manifest(job, meta))
     logger.info("%s", summary.describe())
     return summary
