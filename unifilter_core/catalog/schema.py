@@ -307,7 +307,8 @@ def refresh_view_if_needed(conn: duckdb.DuckDBPyConnection, root: Any, new_parqu
     """Keep the view in step cheaply: rebuild only when files appear/vanish, ``new_parquet`` brings columns
     the view does not read yet, or the view lists files one by one (some file was left out as unreadable).
     On a store the view is rebuilt up to :data:`STORE_VIEW_UPKEEP_MAX_TABLES` tables, then by refreshes only."""
-    if storage.is_url(root):  # the view lists the committed tables one by one: rebuild it, while that is cheap
+    if storage.is_url(root):
+        # the view lists the committed tables one by one: rebuild it, while that is cheap
         (tables,) = conn.execute("SELECT count(*) FROM score_stats").fetchone() or (0,)
         if tables <= STORE_VIEW_UPKEEP_MAX_TABLES:
             create_scores_view(conn, root)
