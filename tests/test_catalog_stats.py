@@ -15,7 +15,7 @@ import pytest
 
 from unifilter_core.catalog import Catalog
 from unifilter_core.catalog import ingest as ingest_module
-from unifilter_core.catalog.schema import FINE_WIDTH
+from unifilter_core.catalog.schema import FINE_WIDTH, SCHEMA_VERSION
 from unifilter_core.catalog.stats import compute_score_stats
 
 
@@ -144,10 +144,11 @@ def test_a_version_1_catalog_is_upgraded_and_its_rows_recomputed(tmp_path: Path)
     conn.execute("ALTER TABLE score_stats DROP COLUMN fine_counts")
     conn.execute("ALTER TABLE thresholds DROP COLUMN method")
     conn.execute("DROP TABLE score_hist")
-    conn.execute("DELETE FROM schema_version WHERE version = 2")
+    conn.execute("DROP TABLE score_drift")
+    conn.execute("DELETE FROM schema_version WHERE version >= 2")
     conn.close()
     upgraded = Catalog(root=tmp_path)
-    assert upgraded.query("SELECT max(version) FROM schema_version")[1] == [(2,)]
+    assert upgraded.query("SELECT max(version) FROM schema_version")[1] == [(SCHEMA_VERSION,)]
     assert upgraded.query("SELECT fine_bins FROM score_stats")[1] == [(None,)]
     assert upgraded.refresh()["score_stats"] == 1  # the row without fine bins is recomputed
     _hist_matches_rows(upgraded)

@@ -104,6 +104,7 @@ class TarResult:
     summary: Any
     table: str
     stats: dict[str, Any] | None = None
+    drift: Any = None
 
 
 def tars_to_score(
@@ -132,6 +133,8 @@ def score_partition_tars(
     tables: Location | None = None,
     ray: Any = None,
     progress: bool = False,
+    drift: Any = None,
+    drift_reference: Sequence[str] = (),
 ) -> list[TarResult]:
     """Score the tars of one partition, each into its own table, loading the model at most once.
 
@@ -139,7 +142,9 @@ def score_partition_tars(
     nor the tar is read). The others are scored by one model from ``load()`` (called only when some tar needs
     it) or, with ``ray`` (a :class:`~unifilter_core.scoring.ray_engine.RayTarget`), by the cluster's actors.
     A tar that cannot be scored is that tar's failed summary (``summary.error``); the others go on. Statistics
-    of every table are recorded in ``catalog`` in one write.
+    of every table are recorded in ``catalog`` in one write; with ``drift`` (:class:`unifilter_core.drift.
+    DriftLimits`) each tar is also compared with its reference (the model's validation pairs, or the tars
+    ``drift_reference`` names) and the result recorded in ``score_drift`` (``TarResult.drift``).
 
     Raises:
         SourceMismatchError: the score folder holds tables of another input folder (a ValueError).
@@ -180,6 +185,12 @@ def score_partition_tars(
         by_key = {s.partition_key: asdict(s) for s in catalog.record_score_stats_many(done)}
         for r in ordered:
             r.stats = by_key.get(r.tar_key)
+        if drift is not None:
+            from unifilter_core.drift import check_tars
+
+            rows = check_tars(root, catalog, spec.kind, list(by_key.values()), drift, drift_reference)
+            for r in ordered:
+                r.drift = next((row for row in rows if row.partition_key == r.tar_key), None)
     return ordered
 
 

@@ -368,3 +368,30 @@ __all__ = [
     "threshold_cdf_png",
     "training_curves_png",
 ]
+
+
+def drift_png(
+    tar: Sequence[float], reference: Sequence[float], lo: float, width: float, *, title: str
+) -> bytes:
+    """A tar's score distribution over its reference's (dense fine histograms, each normalised), as step lines
+    over bins ``lo + i * width`` regrouped ten to one."""
+    fig = _figure((6.0, 3.0))
+    ax = fig.subplots()
+    drawn = False
+    for values, label, colour in ((reference, "reference", "#9e9e9e"), (tar, "tar", "#1565c0")):
+        counts = np.asarray(list(values), dtype=np.float64)
+        if counts.sum() <= 0:
+            continue
+        coarse = np.add.reduceat(counts, np.arange(0, counts.size, 10)) / counts.sum()
+        edges = lo + np.arange(coarse.size + 1) * width * 10
+        ax.stairs(coarse, edges, label=label, color=colour, linewidth=1.5)
+        drawn = True
+    if drawn:
+        ax.set_xlim(-0.5, 3.5)
+        ax.set_xlabel("score")
+        ax.set_ylabel("share of ok samples")
+        ax.legend(fontsize=8)
+    else:
+        _no_data(ax, "no ok scores")
+    ax.set_title(title, fontsize=10)
+    return _to_png(fig)

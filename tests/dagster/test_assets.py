@@ -118,7 +118,7 @@ def test_scores_partition_table_catalog_checks_and_rerun(world: World, instance:
     assert {"skipped", "error"} & set(cols["status"]) and "ok" in cols["status"]
     assert set(cols["partition_key"]) == {key}
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
-    assert checks == {"one_row_per_sample": True, "scores_finite_in_range": True}
+    assert checks == {"one_row_per_sample": True, "scores_finite_in_range": True, "score_drift": True}
     meta = metadata_of(result, "scores")
     assert has_png(meta["score_histogram"])
     assert "| ok |" in meta["status_counts"] and "reason" in meta["reason_counts"]

@@ -61,7 +61,7 @@ def test_a_group_partition_scores_its_tars_with_one_model_load(tmp_path: Path, t
         stats = catalog.query("SELECT partition_key, n_rows FROM score_stats ORDER BY 1")[1]
         assert stats == [("cap_0000", 3), ("cap_0001", 4), ("cap_0002", 3), ("cap_0003", 4)]
         checks = {c.check_name: c.passed for c in first.get_asset_check_evaluations()}
-        assert checks == {"one_row_per_sample": True, "scores_finite_in_range": True}
+        assert checks == {"one_row_per_sample": True, "scores_finite_in_range": True, "score_drift": True}
 
         again = materialize([scores], resources, instance, "cap_0000-0003")
         assert again.success and models_loaded() == loads + 1  # every tar resumed from its manifest
@@ -85,6 +85,32 @@ def test_a_group_partition_scores_its_tars_with_one_model_load(tmp_path: Path, t
         assert sorted(p.name for p in (root / "filtered" / "cap").glob("*.tar")) == [
             f"{i:08d}.tar" for i in range(4)
         ]
+        _check_card(root, catalog)
+
+
+def _check_card(root: Path, catalog: Catalog) -> None:
+    """The dataset card's front matter parses and its counts are the catalog's."""
+    import json
+
+    from unifilter_core.cli import main
+    from unifilter_core.dataset_card import read_front_matter
+
+    card = root / "filtered" / "cap" / "README.md"
+    text = card.read_text()
+    front = read_front_matter(text)
+    assert front["license"] == "other" and front["task_categories"] == ["image-to-text", "text-to-image"]
+    figures = front["unifilter"]
+    (samples, ok, tars), = catalog.query(
+        "SELECT sum(n_rows), sum(n_ok), count(*) FROM score_stats WHERE source = 'cap'")[1]  # fmt: skip
+    threshold = json.loads((root / "thresholds.json").read_text())["cap"]
+    assert (figures["samples"], figures["ok"], figures["tars_scored"]) == (samples, ok, tars) == (21, 21, 6)
+    assert figures["kept"] == threshold["kept"] and figures["threshold"] == threshold["threshold"]
+    assert figures["removed"] == samples - threshold["kept"] == sum(figures["removed_by_reason"].values())
+    assert figures["removed_by_reason"]["below_threshold"] == ok - threshold["kept"]
+    assert front["size_categories"] == ["n<1K"] and "## Lineage" in text and "`cap_0003`" in text
+    card.unlink()
+    assert main(["catalog", "card", "cap", "--root", str(root)]) == 0  # the CLI writes the same card
+    assert card.read_text() == text
 
 
 def test_a_tar_that_fails_in_a_group_keeps_the_others(

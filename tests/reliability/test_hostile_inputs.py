@@ -8,6 +8,7 @@ import random
 import tarfile
 from pathlib import Path
 
+import duckdb
 import pyarrow.parquet as pq
 import pytest
 
@@ -74,10 +75,16 @@ def test_scores_asset_gives_every_hostile_sample_a_row(tmp_path: Path, rel_ckpt:
             result = materialize([scores], resources, instance, key)  # never raises: checked below
             assert result.success, key
             checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
-            assert checks == {"one_row_per_sample": True, "scores_finite_in_range": True}, key
             source, num = key.rsplit("_", 1)
             tar = root / "sources" / source / f"{int(num):08d}.tar"
             info = _check_table(root / "scores" / source / f"{int(num):08d}.parquet", tar, exp)
+            failed = sum(r["status"] != "ok" for r in info["rows"]) / len(info["rows"])
+            # a tar whose rows mostly failed is what the drift check warns about
+            assert checks == {"one_row_per_sample": True, "scores_finite_in_range": True,
+                              "score_drift": failed <= 0.5}, key  # fmt: skip
+            (reason,) = duckdb.connect(str(root / "unifilter.duckdb"), read_only=True).execute(
+                "SELECT reason FROM score_drift WHERE partition_key = ?", [key]).fetchone()  # fmt: skip
+            assert ("error_share" in reason) == (failed > 0.5), key
             mat = result.asset_materializations_for_node("scores")[0]
             assert mat.metadata["rows"].value == info["n_raw"]
             if key == "trunc_0004":

@@ -73,3 +73,23 @@ def refresh_stats(catalog: Any, good: list[str]) -> tuple[int, list[str]]:
             batch = []
     done += catalog.ingest_stats(batch)
     return done, unreadable
+
+
+def record_drift(catalog: Any, rows: list[Any], model_fingerprint: str | None) -> int:
+    """Replace the ``score_drift`` rows of these tars (:class:`unifilter_core.drift.DriftRow`) in one write."""
+    if not rows:
+        return 0
+    from unifilter_core.catalog.schema import utcnow
+
+    now = utcnow()
+    params = [[*r.to_dict().values(), model_fingerprint, now] for r in rows]
+    columns = [*rows[0].to_dict(), "model_fingerprint", "computed_at"]
+    sql = f"INSERT INTO score_drift ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+    keys = [[r.partition_key] for r in rows]
+
+    def work(conn: duckdb.DuckDBPyConnection) -> None:
+        conn.executemany("DELETE FROM score_drift WHERE partition_key = ?", keys)
+        conn.executemany(sql, params)
+
+    catalog._write(work)
+    return len(rows)

@@ -19,7 +19,7 @@ from unifilter_core import storage
 logger = logging.getLogger(__name__)
 
 #: Bump when the DDL changes; :func:`migrate` brings older catalogs up to date.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: Fixed histogram bins of ``score_stats.histogram``: 30 bins of width 0.1 over [0, 3] (the released head's
 #: level range). Scores below 0 count in the first bin, scores at or above 3 in the last.
@@ -160,6 +160,21 @@ CREATE TABLE IF NOT EXISTS score_hist (
     bin INTEGER NOT NULL,
     n BIGINT NOT NULL,
     PRIMARY KEY (source, model_fingerprint, bin)
+);
+CREATE TABLE IF NOT EXISTS score_drift (
+    partition_key VARCHAR PRIMARY KEY,
+    source VARCHAR,
+    reference VARCHAR NOT NULL,
+    n BIGINT NOT NULL,
+    n_reference BIGINT NOT NULL,
+    psi DOUBLE,
+    ks DOUBLE,
+    ks_pvalue DOUBLE,
+    error_share DOUBLE NOT NULL,
+    flagged BOOLEAN NOT NULL,
+    reason VARCHAR,
+    model_fingerprint VARCHAR,
+    computed_at TIMESTAMP NOT NULL
 );
 CREATE OR REPLACE VIEW sources AS
 SELECT t.source,

@@ -57,6 +57,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_root(ref)
     ref.set_defaults(func=_cmd_refresh)
+    card = csub.add_parser(
+        "card", help="(re)write filtered/<source>/README.md, the dataset card of a filtered source"
+    )
+    _add_root(card)
+    card.add_argument("source", help="the source name (e.g. datacomp)")
+    card.add_argument("--kind", choices=("caption", "interleaved"), default=None,
+                      help="the source's kind (default: the one its registered tars have)")  # fmt: skip
+    card.set_defaults(func=_cmd_card)
+
+
+def _cmd_card(args: argparse.Namespace) -> int:
+    from unifilter_core.dataset_card import write_dataset_card
+
+    catalog = _open(args, create=False)
+    kind = args.kind
+    if kind is None:
+        _, rows = catalog.query("SELECT DISTINCT kind FROM tars WHERE source = ?", [args.source])
+        if len(rows) != 1 or rows[0][0] is None:
+            raise CLIError(f"source {args.source!r}: give --kind (registered kinds: {[r[0] for r in rows]})")
+        kind = rows[0][0]
+    try:
+        card = write_dataset_card(catalog.root, catalog, args.source, kind, tables=catalog.tables)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    print(card)
+    return 0
 
 
 def _add_root(p: argparse.ArgumentParser) -> None:

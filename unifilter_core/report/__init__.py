@@ -2,7 +2,7 @@
 
 Per source it shows the score distribution, a threshold control that updates kept counts live, galleries of
 sample thumbnails (lowest scores, around the threshold, highest scores) read back from the source tars, the
-quarantine counts by reason and a lineage summary. See docs/workbench.md::
+quarantine counts by reason, the drift flags of the tars, the classifier's calibration and a lineage summary. See docs/workbench.md::
 
     from unifilter_core.report import WorkbenchConfig, write_workbench
     path = write_workbench(catalog, WorkbenchConfig(keep_fraction=0.3))   # <root>/report/workbench.html
@@ -21,6 +21,8 @@ from unifilter_core.report.data import (
     SampleRef,
     SourceData,
     WorkbenchConfig,
+    collect_calibration,
+    collect_drift,
     collect_lineage,
     collect_sources,
     tar_index,
@@ -67,7 +69,8 @@ def build_workbench(catalog: Catalog, config: WorkbenchConfig | None = None) -> 
     sources = collect_sources(catalog, config)
     refs = [r for s in sources for refs in s.bands.values() for r in refs]
     n_thumbs = attach_previews(refs, tar_index(catalog), catalog.root, config)
-    page = render_html(sources, collect_lineage(catalog), config, root=catalog.root)
+    page = render_html(sources, collect_lineage(catalog), config, root=catalog.root, drift=collect_drift(catalog),
+                       calibration=collect_calibration(catalog))  # fmt: skip
     return page, len(sources), n_thumbs
 
 

@@ -252,3 +252,26 @@ def tar_index(catalog: Catalog) -> dict[str, tuple[str, str | None]]:
     """partition_key -> (tar path, kind) from the ``tars`` table."""
     _, rows = catalog.query("SELECT partition_key, path, kind FROM tars")
     return {r[0]: (r[1], r[2]) for r in rows}
+
+
+def collect_drift(catalog: Catalog) -> dict[str, Any]:
+    """``score_drift`` per source (tars checked, flagged) and the flagged tars (worst PSI first)."""
+    _, per_source = catalog.query(
+        "SELECT coalesce(source, ''), count(*), count(*) FILTER (WHERE flagged) FROM score_drift GROUP BY 1 ORDER BY 1"
+    )
+    _, flagged = catalog.query(
+        "SELECT partition_key, reference, psi, ks, ks_pvalue, error_share, reason FROM score_drift "
+        "WHERE flagged ORDER BY psi DESC NULLS LAST, partition_key LIMIT 200"
+    )
+    return {"per_source": [tuple(r) for r in per_source], "flagged": [tuple(r) for r in flagged]}
+
+
+def collect_calibration(catalog: Catalog) -> dict[str, Any] | None:
+    """The calibration report of the model that scored most ok samples (its validation pairs), or None."""
+    from unifilter_core.calibration import read_reference
+
+    _, rows = catalog.query(
+        "SELECT model_fingerprint FROM score_stats WHERE model_fingerprint IS NOT NULL "
+        "GROUP BY 1 ORDER BY sum(n_ok) DESC LIMIT 1"
+    )
+    return read_reference(catalog.root, rows[0][0]) if rows else None

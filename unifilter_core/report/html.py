@@ -127,6 +127,25 @@ def _lineage(lineage: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {"headers": list(LINEAGE_COLUMNS), "rows": rows}
 
 
+def _drift(drift: dict[str, Any]) -> dict[str, Any]:
+    per_source = [
+        [_cell(src or "-"), _cell(n), _cell(k, data_flagged=str(k))] for src, n, k in drift["per_source"]
+    ]
+    flagged = [[_cell(v) for v in row] for row in drift["flagged"]]
+    return {"per_source": per_source, "flagged": flagged}
+
+
+def _calibration(doc: dict[str, Any] | None) -> list[dict[str, Any]]:
+    out = []
+    for kind, entry in ((doc or {}).get("kinds") or {}).items():
+        report = entry["calibration"]
+        rows = [[_cell(r["level"]), _cell(r["n"]), _cell(_float(r["mean_score"])), _cell(_float(r["std_score"])),
+                 _cell(_float(r["predicted_share"]))] for r in report["per_level"]]  # fmt: skip
+        out.append({"kind": kind, "ece": _float(report["ece"]), "accuracy": _float(report["accuracy"]),
+                    "n": report["n"], "rows": rows, "slug": slug(kind)})  # fmt: skip
+    return out
+
+
 @functools.cache
 def _environment() -> jinja2.Environment:
     """Templates from the package's ``templates/`` folder; autoescaped; a missing variable is an error."""
@@ -150,6 +169,8 @@ def render_html(
     *,
     root: Path,
     generated_at: datetime | None = None,
+    drift: dict[str, Any] | None = None,
+    calibration: dict[str, Any] | None = None,
 ) -> str:
     """The complete page as one string (``templates/workbench.html.j2``)."""
     when = (generated_at or datetime.now(timezone.utc)).strftime("%Y-%m-%d %H:%M UTC")
@@ -169,6 +190,8 @@ def render_html(
             sources=sections,
             quarantine=_quarantine(sources),
             lineage=_lineage(lineage),
+            drift=_drift(drift or {"per_source": [], "flagged": []}),
+            calibration=_calibration(calibration),
             payload=Markup(_json_for_script(build_payload(sources, config))),
             css=_static("workbench.css"),
             script=_static("workbench.js"),

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from unifilter_core.training.data import Collator, QualityDataset
-from unifilter_core.training.metrics import classification_report
+from unifilter_core.training.metrics import classification_report, scores_of
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,41 @@ def predict_logits(
     return np.concatenate(logits), np.concatenate(labels).round().astype(np.int64)
 
 
+def validation_scores(
+    checkpoint: str | os.PathLike[str], data_path: str | os.PathLike[str], batch_size: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
+    """Continuous scores (:func:`~unifilter_core.training.metrics.scores_of`) and true levels of every pair of a
+    validation JSON, scored by ``checkpoint``."""
+    logits, labels = _predict(checkpoint, data_path, None, batch_size=batch_size)
+    return scores_of(logits), np.asarray(labels).astype(np.int64)
+
+
+def _predict(
+    checkpoint: str | os.PathLike[str],
+    data_path: str | os.PathLike[str],
+    image_folder: str | os.PathLike[str] | None,
+    *,
+    shuffle_images: bool = False,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> tuple[np.ndarray, np.ndarray]:
+    from unifilter_core.modeling import UniFilterForQualityScoring
+    from unifilter_core.training.config import Stage2Config
+    from unifilter_core.training.stage2 import make_dataset, make_processor
+
+    model = UniFilterForQualityScoring.from_pretrained(str(checkpoint), torch_dtype=torch.float32)
+    config = Stage2Config(
+        model_path=str(checkpoint), output_dir="-", data_path="-", eval_data_path=str(data_path),
+        eval_image_folder=str(image_folder) if image_folder else None,
+    )  # fmt: skip
+    processor = make_processor(model, str(checkpoint), config)
+    dataset = make_dataset(processor, config, train=False, cache_images=processor.config.image_size <= 64)
+    if shuffle_images:
+        shuffle_dataset_images(dataset, seed)
+    with torch.inference_mode():
+        return predict_logits(model, dataset, batch_size)
+
+
 def evaluate_checkpoint(
     checkpoint: str | os.PathLike[str],
     data_path: str | os.PathLike[str],
@@ -83,20 +118,9 @@ def evaluate_checkpoint(
         seed: seed of the shuffle.
         batch_size: samples per forward.
     """
-    from unifilter_core.modeling import UniFilterForQualityScoring
-    from unifilter_core.training.config import Stage2Config
-    from unifilter_core.training.stage2 import make_dataset, make_processor
-
-    model = UniFilterForQualityScoring.from_pretrained(str(checkpoint), torch_dtype=torch.float32)
-    config = Stage2Config(
-        model_path=str(checkpoint), output_dir="-", data_path="-", eval_data_path=str(data_path),
-        eval_image_folder=str(image_folder) if image_folder else None,
-    )  # fmt: skip
-    processor = make_processor(model, str(checkpoint), config)
-    dataset = make_dataset(processor, config, train=False, cache_images=processor.config.image_size <= 64)
-    if shuffle_images:
-        shuffle_dataset_images(dataset, seed)
-    logits, labels = predict_logits(model, dataset, batch_size)
+    logits, labels = _predict(
+        checkpoint, data_path, image_folder, shuffle_images=shuffle_images, seed=seed, batch_size=batch_size
+    )
     report = classification_report(logits, labels)
     report["shuffled_images"] = shuffle_images
     return report

@@ -13,6 +13,7 @@ from unifilter_dagster.assets._meta import image_md, md_table
 
 ROWS_CHECK = "one_row_per_sample"
 RANGE_CHECK = "scores_finite_in_range"
+DRIFT_CHECK = "score_drift"
 SCORE_RANGE = (-1.0, 4.0)  # the released regression head outputs about 0..3
 _SHOWN = 20  # tars named in a check's metadata at most
 
@@ -131,4 +132,42 @@ def range_check(tables: Sequence[str]) -> dg.AssetCheckResult:
         severity=dg.AssetCheckSeverity.WARN,
         metadata={"ok_rows": ok, "out_of_range": bad, "range": str(SCORE_RANGE)},
         description="scores of ok rows are finite and within the expected range",
+    )
+
+
+def drift_check(
+    root: Any, catalog: Any, kind: str, results: Sequence[Any], reference_tars: Sequence[str]
+) -> dg.AssetCheckResult:
+    """WARN when a tar's scores drifted from the reference or most of its rows failed (``score_drift`` rows)."""
+    from unifilter_core.catalog.schema import FINE_LO, FINE_WIDTH
+    from unifilter_core.drift import dense
+    from unifilter_core.plots import drift_png
+
+    rows = [r.drift for r in results if r.drift is not None]
+    flagged = [row for row in rows if row.flagged]
+    table = [{"tar": row.partition_key, "psi": row.psi, "ks": row.ks, "ks_pvalue": row.ks_pvalue,
+              "error_share": row.error_share, "flagged": row.flagged, "reason": row.reason or ""}
+             for row in (flagged or rows)[:_SHOWN]]  # fmt: skip
+    metadata: dict[str, Any] = {
+        "tars": len(rows),
+        "flagged": len(flagged),
+        "reference": rows[0].reference if rows else "-",
+        "drift": md_table(table),
+    }
+    worst = max(rows, key=lambda row: (row.flagged, row.psi or 0.0), default=None)
+    if worst is not None and worst.n_reference:
+        from unifilter_core.drift import reference_for
+
+        result = next(r for r in results if r.tar_key == worst.partition_key)
+        ref = reference_for(root, catalog, kind, result.stats.get("model_fingerprint"), reference_tars)
+        if ref is not None:
+            tar = dense(result.stats.get("fine_bins") or [], result.stats.get("fine_counts") or [])
+            png = drift_png(tar, ref[1], FINE_LO, FINE_WIDTH, title=f"{worst.partition_key} against {ref[0]}")
+            metadata["distribution"] = image_md(png, f"scores of {worst.partition_key} against the reference")
+    return dg.AssetCheckResult(
+        check_name=DRIFT_CHECK,
+        passed=not flagged,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata=metadata,
+        description="each tar's score distribution is close to its reference (PSI, KS) and most rows scored",
     )

@@ -1,5 +1,7 @@
 """Tar-level assets: discovery (partition registration), per-tar scores, the threshold, the filtered tars."""
 
+from typing import Any
+
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
@@ -23,8 +25,10 @@ from unifilter_dagster.assets._meta import (
     timed,
 )
 from unifilter_dagster.assets.score_checks import (
+    DRIFT_CHECK,
     RANGE_CHECK,
     ROWS_CHECK,
+    drift_check,
     merged_stats,
     range_check,
     row_count_check,
@@ -86,6 +90,24 @@ def tar_manifest(
     )
 
 
+class ScoreChecks(dg.Config):
+    """Limits of the ``score_drift`` check (each tar against the model's validation pairs of its kind, or the
+    tars ``drift_reference_tars`` names)."""
+
+    drift_psi: float = Field(default=0.25, description="PSI above this (with a significant KS) is a shift")
+    drift_ks_alpha: float = Field(default=1e-3, description="KS p-value below which a gap is not noise")
+    drift_error_share: float = Field(default=0.5, description="share of error/skipped rows that flags a tar")
+    drift_reference_tars: list[str] = Field(
+        default_factory=list,
+        description="tar keys whose pooled scores are the reference (default: validation)",
+    )
+
+    def limits(self) -> Any:
+        from unifilter_core.drift import DriftLimits
+
+        return DriftLimits(self.drift_psi, self.drift_ks_alpha, self.drift_error_share)
+
+
 @dg.asset(
     group_name="tars",
     partitions_def=tars_partitions,
@@ -95,10 +117,12 @@ def tar_manifest(
     check_specs=[
         dg.AssetCheckSpec(ROWS_CHECK, asset="scores"),
         dg.AssetCheckSpec(RANGE_CHECK, asset="scores"),
+        dg.AssetCheckSpec(DRIFT_CHECK, asset="scores"),
     ],
 )
 def scores(
     context: dg.AssetExecutionContext,
+    config: ScoreChecks,
     home: UniFilterHome,
     duckdb: DuckDBResource,
     scoring_model: ScoringModelResource,
@@ -112,11 +136,12 @@ def scores(
     root = home.root_path
     part = resolve_tars(root, home.source_specs(), context.partition_key)
     kind = part.spec.kind
+    drift = config.limits()
     # bad options fail here, before the model or the catalog is opened
     settings = scoring_model.settings(kind, context.run.tags.get(GPU_TAG))
-    config = settings.scoring_config()
+    settings_config = settings.scoring_config()
     ray = scoring_model.ray_target(root)
-    keys = {k: scoring_model.request_key(root, settings, kind, tar, config) for k, tar in part.tars}
+    keys = {k: scoring_model.request_key(root, settings, kind, tar, settings_config) for k, tar in part.tars}
     scorer = None
     if ray is None and tars_to_score(root, part, keys, tables=home.tables_location):
         scorer = scoring_model.load(root, settings)  # a checkpoint that does not load fails before any write
@@ -124,7 +149,8 @@ def scores(
     with timed() as timing:
         results = score_partition_tars(
             root, part, request_keys=keys, load=lambda: scorer or scoring_model.load(root, settings),
-            config=config, catalog=catalog, tables=home.tables_location, ray=ray,
+            config=settings_config, catalog=catalog, tables=home.tables_location, ray=ray, drift=drift,
+            drift_reference=config.drift_reference_tars,
         )  # fmt: skip
     from unifilter_core.scoring import read_manifest
 
@@ -169,6 +195,7 @@ def scores(
         check_results=[
             row_count_check([(r.tar_key, r.table, manifests[r.tar_key]) for r in good]),
             range_check([r.table for r in good]),
+            drift_check(root, catalog, kind, results, config.drift_reference_tars),
         ],
     )
 
@@ -232,16 +259,24 @@ def filtered_dataset(
     context: dg.AssetExecutionContext, home: UniFilterHome, duckdb: DuckDBResource
 ) -> dg.MaterializeResult:
     """The kept samples of each tar of the partition as a webdataset tar (original members and keys) plus a
-    manifest per tar."""
+    manifest per tar; the source's dataset card (``filtered/<source>/README.md``) is rewritten with them."""
     root = home.root_path
     part = resolve_tars(root, home.source_specs(), context.partition_key)
+    catalog = home.catalog(duckdb)
     with timed() as timing, asset_advice():
         results = filter_partition_tars(root, part, tables=home.tables_location)
+        from unifilter_core.dataset_card import write_dataset_card
+
+        card = write_dataset_card(root, catalog, part.spec.name, part.spec.kind, tables=home.tables_location)
     kept = sum(r["kept"] for r in results)
-    record(home.catalog(duckdb), context, timing, rows=kept)
+    record(catalog, context, timing, rows=kept)
     if len(results) == 1:
         return dg.MaterializeResult(
-            metadata={"path": dg.MetadataValue.path(results[0]["path"]), **scalar_metadata(results[0])}
+            metadata={
+                "path": dg.MetadataValue.path(results[0]["path"]),
+                "dataset_card": dg.MetadataValue.path(str(card)),
+                **scalar_metadata(results[0]),
+            }
         )
     return dg.MaterializeResult(
         metadata={
@@ -251,5 +286,6 @@ def filtered_dataset(
             "unsafe": sum(r["unsafe"] for r in results),
             "threshold": results[0]["threshold"],
             "paths": dg.MetadataValue.json([r["path"] for r in results][:50]),
+            "dataset_card": dg.MetadataValue.path(str(card)),
         }
     )

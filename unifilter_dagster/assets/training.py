@@ -9,7 +9,7 @@ from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
 from unifilter_core import paths
-from unifilter_dagster.assets._meta import CODE_VERSION, image_md, record, scalar_metadata, timed
+from unifilter_dagster.assets._meta import CODE_VERSION, image_md, md_table, record, scalar_metadata, timed
 from unifilter_dagster.assets.generation import (
     llava_pretrain_subset,
     synthetic_caption_pairs,
@@ -145,6 +145,19 @@ def _classifier_plots(metrics: dict[str, Any]) -> dict[str, dg.MetadataValue]:
     return out
 
 
+def _calibration_metadata(reference: dict[str, Any]) -> dict[str, Any]:
+    """Per kind: the expected calibration error and, per true level, the mean predicted score and the share
+    predicted at that level (validation pairs)."""
+    out: dict[str, Any] = {}
+    for kind, entry in (reference.get("kinds") or {}).items():
+        report = entry["calibration"]
+        out[f"{kind}_ece"] = round(report["ece"], 4) if report["ece"] is not None else "-"
+        rows = [{"level": r["level"], "pairs": r["n"], "mean_score": r["mean_score"], "std": r["std_score"],
+                 "predicted_at_level": r["predicted_share"]} for r in report["per_level"]]  # fmt: skip
+        out[f"{kind}_calibration"] = md_table(rows)
+    return out
+
+
 @dg.asset(
     group_name="models",
     code_version=CODE_VERSION,
@@ -167,6 +180,9 @@ def stage2_classifier(
         else:
             out, metrics = _train(root, config)
     fingerprint = checkpoint_fingerprint(out)
+    from unifilter_core.calibration import write_reference
+
+    reference = write_reference(root, out, fingerprint)  # calibration, and the drift reference of each kind
     write_manifest_json(
         paths.models_dir(root) / ACTIVE_CLASSIFIER_FILE, {"path": str(out), "fingerprint": fingerprint}
     )
@@ -196,6 +212,7 @@ def stage2_classifier(
             **scalar_metadata(scalars),
             "history": dg.MetadataValue.json(metrics.get("history", [])),
             **_classifier_plots(metrics),
+            **_calibration_metadata(reference),
         },
         check_results=[check],
     )
