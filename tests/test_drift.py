@@ -157,3 +157,38 @@ def test_a_tar_of_web_spam_is_flagged_and_an_unchanged_tar_is_not(spam_classifie
     assert "<td>web_0001</td>" in flagged and "<td>web_0000</td>" not in flagged and "score_shift" in flagged
     calibration = page.split('data-testid="calibration-caption"', 1)[1].split("</table>", 1)[0]
     assert calibration.count("<tr>") == 5  # the header and levels 0..3
+
+
+def test_the_canary_set_passes_with_its_scorer_and_catches_another(
+    spam_classifier: tuple[Path, Path], tiny_checkpoint: Path
+) -> None:
+    from unifilter_core.calibration import read_reference
+    from unifilter_core.canary import check_canary, run_canary
+    from unifilter_core.partition_groups import PartitionTars, score_partition_tars
+    from unifilter_core.partition_steps import TarSource
+    from unifilter_core.scorer import load_scorer
+
+    root, ckpt = spam_classifier
+    scorer = load_scorer(ckpt, device="cpu", batch_size=4)
+    canary = read_reference(root, scorer.model_fingerprint)["kinds"]["caption"]["canary"]
+    assert sorted(c["level"] for c in canary) == [0, 0, 3, 3]
+    assert all(c["score"] < 1 for c in canary if c["level"] == 0) and all(
+        c["score"] > 2 for c in canary if c["level"] == 3
+    )
+    same = run_canary(root, scorer, "caption")
+    assert same["passed"] and same["n"] == 4 and same["max_abs_diff"] < 1e-4
+    other = check_canary(load_scorer(tiny_checkpoint, device="cpu"), "caption", canary)  # another model
+    assert not other["passed"] and other["max_abs_diff"] > 0.5
+    assert (
+        run_canary(root, load_scorer(tiny_checkpoint, device="cpu"), "caption") is None
+    )  # no reference: not run
+
+    write_tar(root / "sources" / "canary" / "00000000.tar",
+              caption_members("000000000", image=jpeg_bytes(color=(9, 9, 9)), text="a small blue sphere"))  # fmt: skip
+    part = PartitionTars(TarSource("canary", "caption"), "canary_0000",
+                         [("canary_0000", root / "sources" / "canary" / "00000000.tar")])  # fmt: skip
+    score_partition_tars(
+        root, part, request_keys={"canary_0000": "k"}, load=lambda: scorer, canary_tolerance=0.05
+    )
+    manifest = json.loads((root / "scores" / "canary" / "00000000.manifest.json").read_text())
+    assert manifest["canary"]["passed"] and manifest["canary"]["reference"] == scorer.model_fingerprint

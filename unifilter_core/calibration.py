@@ -7,8 +7,9 @@ predicted at that level; and the expected calibration error (ECE): over equal-wi
 regression head has ECE 0 (each score bin's pairs have, on average, the level the score says).
 
 :func:`write_reference` scores the validation pairs of each kind with a checkpoint and writes
-``<models>/reference/<model fingerprint>.json``: per kind, the calibration report and the fine histogram of the
-scores (the drift reference of tars of that kind, :mod:`unifilter_core.drift`).
+``<models>/reference/<model fingerprint>.json``: per kind, the calibration report, the fine histogram of the
+scores (the drift reference of tars of that kind, :mod:`unifilter_core.drift`) and the canary set
+(:mod:`unifilter_core.canary`).
 """
 
 from __future__ import annotations
@@ -87,18 +88,23 @@ def reference_path(root: Path, model_fingerprint: str) -> Path:
 def write_reference(root: Path, checkpoint: Path, model_fingerprint: str) -> dict[str, Any]:
     """Score each kind's validation pairs (``synthetic/<kind>/val.json``) with ``checkpoint``; write and return
     the reference document (kinds without validation pairs are absent)."""
+    from unifilter_core.canary import pick_canary
     from unifilter_core.data import write_manifest_json
+    from unifilter_core.scorer import load_scorer
     from unifilter_core.training.evaluate import validation_scores
 
     kinds: dict[str, Any] = {}
+    scorer = None
     for kind in ("caption", "interleaved"):
         val = paths.synthetic_dir(root, kind) / "val.json"
         if not val.is_file():
             continue
         scores, levels = validation_scores(checkpoint, val)
         bins, counts = fine_histogram(scores)
+        scorer = scorer or load_scorer(checkpoint, device="cpu", dtype="float32")
         kinds[kind] = {"n": int(len(scores)), "fine_bins": bins, "fine_counts": counts,
-                       "calibration": calibration_report(scores, levels)}  # fmt: skip
+                       "calibration": calibration_report(scores, levels),
+                       "canary": pick_canary(kind, val, scorer, scores)}  # fmt: skip
     doc = {"model_fingerprint": model_fingerprint, "checkpoint": str(checkpoint), "kinds": kinds}
     write_manifest_json(reference_path(root, model_fingerprint), doc)
     return doc

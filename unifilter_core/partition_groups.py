@@ -135,6 +135,7 @@ def score_partition_tars(
     progress: bool = False,
     drift: Any = None,
     drift_reference: Sequence[str] = (),
+    canary_tolerance: float | None = None,
 ) -> list[TarResult]:
     """Score the tars of one partition, each into its own table, loading the model at most once.
 
@@ -144,7 +145,9 @@ def score_partition_tars(
     A tar that cannot be scored is that tar's failed summary (``summary.error``); the others go on. Statistics
     of every table are recorded in ``catalog`` in one write; with ``drift`` (:class:`unifilter_core.drift.
     DriftLimits`) each tar is also compared with its reference (the model's validation pairs, or the tars
-    ``drift_reference`` names) and the result recorded in ``score_drift`` (``TarResult.drift``).
+    ``drift_reference`` names) and the result recorded in ``score_drift`` (``TarResult.drift``). With
+    ``canary_tolerance`` a local run first scores the model's canary set (:mod:`unifilter_core.canary`) and records
+    the result in the manifest of each tar it scores (``canary``).
 
     Raises:
         SourceMismatchError: the score folder holds tables of another input folder (a ValueError).
@@ -165,6 +168,11 @@ def score_partition_tars(
             results[tar_key] = TarResult(tar_key, summary_from_manifest(tar, table, tar_key), str(table))
     if todo:
         scorer = load() if ray is None else None  # a checkpoint that does not load fails before any write
+        canary = None
+        if scorer is not None and canary_tolerance is not None:
+            from unifilter_core.canary import run_canary
+
+            canary = run_canary(root, scorer, spec.kind, canary_tolerance)
         write_source_marker(out_dir, spec.name, input_dir)
         tars = [tar for tar_key, tar in part.tars if tar_key in todo]
         by_name = {paths.base_name(tar): tar_key for tar_key, tar in part.tars}
@@ -175,7 +183,8 @@ def score_partition_tars(
             from unifilter_core.scoring import score_tars
 
             summaries = score_tars(tars, scorer, out_dir, kind=spec.kind, source=spec.name, config=config,
-                                   progress=progress, request_keys=keys)  # fmt: skip
+                                   progress=progress, request_keys=keys,
+                                   manifest_extra={"canary": canary} if canary else None)  # fmt: skip
         for summary in summaries:
             tar_key = by_name[paths.base_name(summary.tar_path)]
             results[tar_key] = TarResult(tar_key, summary, str(summary.table_path))

@@ -118,7 +118,18 @@ def test_scores_partition_table_catalog_checks_and_rerun(world: World, instance:
     assert {"skipped", "error"} & set(cols["status"]) and "ok" in cols["status"]
     assert set(cols["partition_key"]) == {key}
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
-    assert checks == {"one_row_per_sample": True, "scores_finite_in_range": True, "score_drift": True}
+    assert checks == {
+        "one_row_per_sample": True,
+        "scores_finite_in_range": True,
+        "score_drift": True,
+        "scorer_canary": True,
+    }
+    canary = json.loads((world.root / "scores" / "datacomp" / "00000000.manifest.json").read_text())["canary"]
+    assert (
+        canary["passed"] and canary["n"] >= 4 and canary["max_abs_diff"] < 1e-4
+    )  # the stage-2 reference's pairs
+    (drift,) = rows(world, "SELECT reference, flagged FROM score_drift WHERE partition_key = ?", [key])
+    assert drift == ("validation:caption", False)
     meta = metadata_of(result, "scores")
     assert has_png(meta["score_histogram"])
     assert "| ok |" in meta["status_counts"] and "reason" in meta["reason_counts"]

@@ -68,7 +68,12 @@ def test_resumed_partition_loads_no_model_and_reads_no_tar(
         meta = again.asset_materializations_for_node("scores")[0].metadata
         assert meta["resumed"].value is True and meta["rows"].value == 6
         checks = {c.check_name: c.passed for c in again.get_asset_check_evaluations()}
-        assert checks == {"one_row_per_sample": True, "scores_finite_in_range": True, "score_drift": True}
+        assert checks == {
+            "one_row_per_sample": True,
+            "scores_finite_in_range": True,
+            "score_drift": True,
+            "scorer_canary": True,
+        }
 
         # a touched tar (same bytes): the full check runs, resumes after hashing, records the new key
         os.utime(tar, ns=(tar.stat().st_atime_ns, tar.stat().st_mtime_ns + 10**9))

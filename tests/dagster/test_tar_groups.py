@@ -61,7 +61,12 @@ def test_a_group_partition_scores_its_tars_with_one_model_load(tmp_path: Path, t
         stats = catalog.query("SELECT partition_key, n_rows FROM score_stats ORDER BY 1")[1]
         assert stats == [("cap_0000", 3), ("cap_0001", 4), ("cap_0002", 3), ("cap_0003", 4)]
         checks = {c.check_name: c.passed for c in first.get_asset_check_evaluations()}
-        assert checks == {"one_row_per_sample": True, "scores_finite_in_range": True, "score_drift": True}
+        assert checks == {
+            "one_row_per_sample": True,
+            "scores_finite_in_range": True,
+            "score_drift": True,
+            "scorer_canary": True,
+        }
 
         again = materialize([scores], resources, instance, "cap_0000-0003")
         assert again.success and models_loaded() == loads + 1  # every tar resumed from its manifest

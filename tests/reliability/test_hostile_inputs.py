@@ -81,7 +81,7 @@ def test_scores_asset_gives_every_hostile_sample_a_row(tmp_path: Path, rel_ckpt:
             failed = sum(r["status"] != "ok" for r in info["rows"]) / len(info["rows"])
             # a tar whose rows mostly failed is what the drift check warns about
             assert checks == {"one_row_per_sample": True, "scores_finite_in_range": True,
-                              "score_drift": failed <= 0.5}, key  # fmt: skip
+                              "score_drift": failed <= 0.5, "scorer_canary": True}, key  # fmt: skip
             (reason,) = duckdb.connect(str(root / "unifilter.duckdb"), read_only=True).execute(
                 "SELECT reason FROM score_drift WHERE partition_key = ?", [key]).fetchone()  # fmt: skip
             assert ("error_share" in reason) == (failed > 0.5), key

@@ -28,7 +28,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -163,6 +163,7 @@ def score_tar(
     output_format: OutputFormat | str = OutputFormat.UNIFILTER,
     request_key: str | None = None,
     scored_by: dict[str, Any] | None = None,
+    manifest_extra: dict[str, Any] | None = None,
 ) -> TarScoreSummary:
     """Score every sample of one tar into ``out_path`` (a parquet score table) and its manifest sidecar.
 
@@ -191,6 +192,7 @@ def score_tar(
             the model or reading the tar.
         scored_by: where the scoring ran (a Ray worker's node id and host), recorded in the manifest as
             ``scored_by``; None records ``"local"``.
+        manifest_extra: more entries for the manifest of a newly scored table (the run's ``canary`` check).
 
     Returns:
         A :class:`TarScoreSummary`.
@@ -225,8 +227,9 @@ def score_tar(
         return summary_from_manifest(tar, table, pkey)
 
     job = _Job(
-        tar, table, manifest_path, kind, source, pkey, key, canon, output_format, request_key, scored_by
-    )
+        tar, table, manifest_path, kind, source, pkey, key, canon, output_format, request_key, scored_by,
+        manifest_extra or {},
+    )  # fmt: skip
     if storage.is_url(table):
         return _score_to_store(job, scorer, config, progress, pool)
     with output_errors(table.parent):
@@ -290,6 +293,7 @@ class _Job:
     output_format: OutputFormat = OutputFormat.UNIFILTER
     request_key: str | None = None
     scored_by: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _record_request_key(table: Path, request_key: str | None, *, locked: bool = False) -> None:
@@ -396,6 +400,7 @@ def _score(
         from unifilter_core.catalog.stats import compute_score_stats
 
         meta["stats"] = compute_score_stats(job.pkey, job.table).to_manifest()
+    meta.update(job.extra)
     write_manifest(job.manifest_path, _build_manifest(job, meta))
     logger.info("%s", summary.describe())
     return summary
@@ -426,6 +431,7 @@ def score_tars(
     force: bool = False,
     output_format: OutputFormat | str = OutputFormat.UNIFILTER,
     request_keys: dict[str, str] | None = None,
+    manifest_extra: dict[str, Any] | None = None,
 ) -> Iterable[TarScoreSummary]:
     """Score many tars into ``<out_dir>/<stem>.parquet``, sharing one set of decode workers.
 
@@ -441,6 +447,7 @@ def score_tars(
         kind, source, config, progress, force: as in :func:`score_tar`.
         output_format: as in :func:`score_tar`; ``original`` writes ``<out_dir>/<stem>_quality_score.parquet``.
         request_keys: by ``str(tar)``, the ``request_key`` of :func:`score_tar` for that tar.
+        manifest_extra: as in :func:`score_tar`, for every tar.
     """
     output_format = OutputFormat(output_format)
     config = config or ScoringConfig()
@@ -462,6 +469,7 @@ def score_tars(
                     pool=pool,
                     output_format=output_format,
                     request_key=(request_keys or {}).get(str(tar_path)),
+                    manifest_extra=manifest_extra,
                 )
             except OutputError:
                 raise  # the output folder cannot take files: every later tar would fail the same way

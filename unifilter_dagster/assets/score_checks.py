@@ -14,6 +14,7 @@ from unifilter_dagster.assets._meta import image_md, md_table
 ROWS_CHECK = "one_row_per_sample"
 RANGE_CHECK = "scores_finite_in_range"
 DRIFT_CHECK = "score_drift"
+CANARY_CHECK = "scorer_canary"
 SCORE_RANGE = (-1.0, 4.0)  # the released regression head outputs about 0..3
 _SHOWN = 20  # tars named in a check's metadata at most
 
@@ -170,4 +171,27 @@ def drift_check(
         severity=dg.AssetCheckSeverity.WARN,
         metadata=metadata,
         description="each tar's score distribution is close to its reference (PSI, KS) and most rows scored",
+    )
+
+
+def canary_check(manifests: Mapping[str, Mapping[str, Any]]) -> dg.AssetCheckResult:
+    """The canary results the tables' manifests recorded (the run that scored each tar scored the model's canary
+    set first): fails when a scorer moved a canary score past the tolerance. Tables scored without a canary set
+    (a checkpoint never validated here, or on Ray) pass with a note."""
+    results = {key: m.get("canary") for key, m in manifests.items()}
+    checked = {key: c for key, c in results.items() if isinstance(c, dict)}
+    failed = sorted(key for key, c in checked.items() if not c.get("passed"))
+    diffs = [c["max_abs_diff"] for c in checked.values() if c.get("max_abs_diff") is not None]
+    return dg.AssetCheckResult(
+        check_name=CANARY_CHECK,
+        passed=not failed,
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata={
+            "tars_checked": len(checked),
+            "tars_without_canary": len(results) - len(checked),
+            "max_abs_diff": max(diffs) if diffs else "-",
+            "tolerance": next(iter(checked.values()))["tolerance"] if checked else "-",
+            "failed_tars": dg.MetadataValue.json(failed[:_SHOWN]),
+        },
+        description="the scorer gave the canary pairs of known level the scores their reference recorded",
     )

@@ -25,9 +25,11 @@ from unifilter_dagster.assets._meta import (
     timed,
 )
 from unifilter_dagster.assets.score_checks import (
+    CANARY_CHECK,
     DRIFT_CHECK,
     RANGE_CHECK,
     ROWS_CHECK,
+    canary_check,
     drift_check,
     merged_stats,
     range_check,
@@ -92,7 +94,7 @@ def tar_manifest(
 
 class ScoreChecks(dg.Config):
     """Limits of the ``score_drift`` check (each tar against the model's validation pairs of its kind, or the
-    tars ``drift_reference_tars`` names)."""
+    tars ``drift_reference_tars`` names) and of the ``scorer_canary`` check."""
 
     drift_psi: float = Field(default=0.25, description="PSI above this (with a significant KS) is a shift")
     drift_ks_alpha: float = Field(default=1e-3, description="KS p-value below which a gap is not noise")
@@ -100,6 +102,9 @@ class ScoreChecks(dg.Config):
     drift_reference_tars: list[str] = Field(
         default_factory=list,
         description="tar keys whose pooled scores are the reference (default: validation)",
+    )
+    canary_tolerance: float = Field(
+        default=0.05, description="largest change of a canary pair's score before scorer_canary fails"
     )
 
     def limits(self) -> Any:
@@ -118,6 +123,7 @@ class ScoreChecks(dg.Config):
         dg.AssetCheckSpec(ROWS_CHECK, asset="scores"),
         dg.AssetCheckSpec(RANGE_CHECK, asset="scores"),
         dg.AssetCheckSpec(DRIFT_CHECK, asset="scores"),
+        dg.AssetCheckSpec(CANARY_CHECK, asset="scores"),
     ],
 )
 def scores(
@@ -150,7 +156,7 @@ def scores(
         results = score_partition_tars(
             root, part, request_keys=keys, load=lambda: scorer or scoring_model.load(root, settings),
             config=settings_config, catalog=catalog, tables=home.tables_location, ray=ray, drift=drift,
-            drift_reference=config.drift_reference_tars,
+            drift_reference=config.drift_reference_tars, canary_tolerance=config.canary_tolerance,
         )  # fmt: skip
     from unifilter_core.scoring import read_manifest
 
@@ -196,6 +202,7 @@ def scores(
             row_count_check([(r.tar_key, r.table, manifests[r.tar_key]) for r in good]),
             range_check([r.table for r in good]),
             drift_check(root, catalog, kind, results, config.drift_reference_tars),
+            canary_check(manifests),
         ],
     )
 
