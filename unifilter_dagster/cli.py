@@ -1,12 +1,13 @@
 """``unifilter demo`` and ``unifilter ui``: subcommands this package adds to the core CLI (entry points)."""
 
 import argparse
-import dataclasses
+import json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from unifilter_core import paths
 from unifilter_core.cli import CLIError
@@ -42,40 +43,57 @@ QUICK_STAGE2 = ["num_train_epochs=8"]  # 1 epoch of the quick world stays at cha
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import json
+    import time
 
-    from unifilter_core.catalog import ThresholdRow, format_table
-    from unifilter_dagster.demo import run_demo
+    from unifilter_dagster.demo import output_to_log, run_demo
 
     if not 0 < args.keep <= 1:
         raise CLIError(f"--keep must be in (0, 1], got {args.keep}")
-    root = paths.data_root(args.root)
-    result = run_demo(
-        root,
-        keep_fraction=args.keep,
-        world=QUICK_WORLD if args.quick else None,
-        stage1_overrides=QUICK_STAGE1 if args.quick else None,
-        stage2_overrides=QUICK_STAGE2 if args.quick else None,
-    )
-    names = {f.name for f in dataclasses.fields(ThresholdRow)}
-    rows = [
-        ThresholdRow(**{k: v for k, v in r.items() if k in names})
-        for _, r in sorted(result["thresholds"].items())
-    ]
-    print(format_table(rows) if rows else "(no thresholds)")
+    root = paths.data_root(args.root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    options = {
+        "keep_fraction": args.keep,
+        "world": QUICK_WORLD if args.quick else None,
+        "stage1_overrides": QUICK_STAGE1 if args.quick else None,
+        "stage2_overrides": QUICK_STAGE2 if args.quick else None,
+    }
+    start = time.perf_counter()
+
+    def stamp(out: Any) -> Any:
+        return lambda line: print(f"demo [{time.perf_counter() - start:5.0f} s] {line}", file=out, flush=True)
+
+    if args.verbose:  # everything on the terminal, as it comes
+        result = run_demo(root, echo=stamp(sys.stdout), **options)
+    else:
+        with output_to_log(root) as (console, log_path):
+            print(
+                f"demo: data root {root}; the full log goes to {log_path} (`unifilter -v demo` shows it here)",
+                file=console,
+            )
+            result = run_demo(root, echo=stamp(console), dagster_log_level="CRITICAL", **options)
+    _report(root, result, args.json)
+    return 0
+
+
+def _report(root: Path, result: dict[str, Any], as_json: bool) -> None:
+    """The per-source table (threshold, kept, precision, recall of level 3) and the last ``demo:`` line."""
+    print()
+    print(f"{'source':<12} {'threshold':>9} {'kept':>6} {'of':>6} {'precision':>9} {'recall L3':>9}")
     for source, q in sorted(result["quality"]["by_source"].items()):
-        print(f"{source}: kept {q['kept']} of {q['samples']}, precision {q['kept_precision']:.3f}, "
-              f"recall of level 3 {q['kept_recall']:.3f}")  # fmt: skip
-    print(f"data root: {root}  (open the runs with `unifilter ui`)")
-    print(f"seconds: {result['seconds']}")
-    if args.json:
+        threshold = (result["thresholds"].get(source) or {}).get("threshold")
+        shown = f"{threshold:.4f}" if isinstance(threshold, float) else "-"
+        print(f"{source:<12} {shown:>9} {q['kept']:>6} {q['samples']:>6} {q['kept_precision']:>9.3f} "
+              f"{q['kept_recall']:>9.3f}")  # fmt: skip
+    print()
+    print(f"seconds per step: {result['seconds']}")
+    print(f"filtered tars and dataset cards under {root / 'filtered'}; the runs in `unifilter ui`")
+    if as_json:
         print(json.dumps(result, default=str, indent=2))
     acc, rho = result["accuracy"], result["spearman"]
     print(
         f"demo: accuracy={acc:.3f} spearman={rho:.3f} kept_precision={result['kept_precision']:.3f} "
         f"kept_recall={result['kept_recall']:.3f}"
     )
-    return 0
 
 
 def register_ui(sub: argparse._SubParsersAction) -> None:
