@@ -168,3 +168,33 @@ def test_cdf_quantiles_from_statistics_follow_the_exact_ones(tmp_path: Path) -> 
     exact = score_quantiles_by_source(catalog, points=11)["a"]
     stats = score_quantiles_by_source(catalog, points=11, method="stats")["a"]
     assert stats == pytest.approx(exact, abs=2 * FINE_WIDTH)
+
+
+def test_the_engine_s_statistics_equal_the_table_s(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """What the engine records in a manifest (from memory) is what DuckDB computes from the table."""
+    from dataclasses import asdict
+
+    from tests.tarfixtures import caption_members, jpeg_bytes, write_tar
+    from unifilter_core.scorer import load_scorer
+    from unifilter_core.scoring import score_tar
+
+    members = []
+    for i in range(40):
+        members += caption_members(
+            f"{i:09d}", image=jpeg_bytes(color=(i * 5, 20, 90)), text=f"photo {i} " * (i % 7)
+        )
+    members += caption_members("broken", image=b"not a jpeg", text="x")
+    tar = write_tar(tmp_path / "00000000.tar", members)
+    table = tmp_path / "out" / "00000000.parquet"
+    score_tar(tar, load_scorer(tiny_checkpoint), table, kind="caption", source="s", progress=False)
+    manifest = json.loads((tmp_path / "out" / "00000000.manifest.json").read_text())
+    recorded = manifest["stats"]
+    computed = asdict(compute_score_stats("s_0000", table))
+    assert (
+        recorded["n_rows"] == 41 and recorded["n_error"] >= 1 and recorded["reasons"] == computed["reasons"]
+    )
+    for name, value in recorded.items():
+        if isinstance(value, float):
+            assert value == pytest.approx(computed[name], rel=1e-6, abs=1e-7), name
+        else:
+            assert value == computed[name], name

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from tests.tarfixtures import caption_members, jpeg_bytes, write_tar
-from unifilter_core.calibration import calibration_report, fine_histogram, write_reference
+from unifilter_core.calibration import calibration_report, fine_histogram
 from unifilter_core.catalog import Catalog
 from unifilter_core.drift import DriftLimits, dense, drift_row, ks, psi
+from unifilter_core.reference import write_reference
 
 GOOD = ["a", "small", "blue", "sphere", "on", "the", "table", "in", "garden", "green", "cone", "kitchen"]
 SPAM = ["BUY", "CHEAP", "PILLS", "CLICK", "HERE", "www", "casino", "WIN", "$$$", "FREE", "bonus", "NOW"]
@@ -162,10 +163,10 @@ def test_a_tar_of_web_spam_is_flagged_and_an_unchanged_tar_is_not(spam_classifie
 def test_the_canary_set_passes_with_its_scorer_and_catches_another(
     spam_classifier: tuple[Path, Path], tiny_checkpoint: Path
 ) -> None:
-    from unifilter_core.calibration import read_reference
-    from unifilter_core.canary import check_canary, run_canary
+    from unifilter_core.canary import check_canary
     from unifilter_core.partition_groups import PartitionTars, score_partition_tars
     from unifilter_core.partition_steps import TarSource
+    from unifilter_core.reference import read_reference, run_canary
     from unifilter_core.scorer import load_scorer
 
     root, ckpt = spam_classifier

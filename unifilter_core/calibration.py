@@ -6,27 +6,16 @@ predicted at that level; and the expected calibration error (ECE): over equal-wi
 (``bins`` over [0, 3]), the pair-weighted mean of ``|mean predicted - mean true level|``. A perfectly calibrated
 regression head has ECE 0 (each score bin's pairs have, on average, the level the score says).
 
-:func:`write_reference` scores the validation pairs of each kind with a checkpoint and writes
-``<models>/reference/<model fingerprint>.json``: per kind, the calibration report, the fine histogram of the
-scores (the drift reference of tars of that kind, :mod:`unifilter_core.drift`) and the canary set
-(:mod:`unifilter_core.canary`).
+:mod:`unifilter_core.reference` writes these figures, per kind, into a model's reference file.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from unifilter_core import paths
 from unifilter_core.catalog.schema import FINE_BINS, FINE_LO, FINE_WIDTH
-
-logger = logging.getLogger(__name__)
-
-REFERENCE_DIR = "reference"
 
 
 def calibration_report(
@@ -79,43 +68,3 @@ def fine_histogram(scores: np.ndarray) -> tuple[list[int], list[int]]:
     bins = np.clip(np.floor((scores - FINE_LO) / FINE_WIDTH), 0, FINE_BINS - 1).astype(np.int64)
     values, counts = np.unique(bins, return_counts=True)
     return values.tolist(), counts.tolist()
-
-
-def reference_path(root: Path, model_fingerprint: str) -> Path:
-    return paths.models_dir(root) / REFERENCE_DIR / f"{model_fingerprint}.json"
-
-
-def write_reference(root: Path, checkpoint: Path, model_fingerprint: str) -> dict[str, Any]:
-    """Score each kind's validation pairs (``synthetic/<kind>/val.json``) with ``checkpoint``; write and return
-    the reference document (kinds without validation pairs are absent)."""
-    from unifilter_core.canary import pick_canary
-    from unifilter_core.data import write_manifest_json
-    from unifilter_core.scorer import load_scorer
-    from unifilter_core.training.evaluate import validation_scores
-
-    kinds: dict[str, Any] = {}
-    scorer = None
-    for kind in ("caption", "interleaved"):
-        val = paths.synthetic_dir(root, kind) / "val.json"
-        if not val.is_file():
-            continue
-        scores, levels = validation_scores(checkpoint, val)
-        bins, counts = fine_histogram(scores)
-        scorer = scorer or load_scorer(checkpoint, device="cpu", dtype="float32")
-        kinds[kind] = {"n": int(len(scores)), "fine_bins": bins, "fine_counts": counts,
-                       "calibration": calibration_report(scores, levels),
-                       "canary": pick_canary(kind, val, scorer, scores)}  # fmt: skip
-    doc = {"model_fingerprint": model_fingerprint, "checkpoint": str(checkpoint), "kinds": kinds}
-    write_manifest_json(reference_path(root, model_fingerprint), doc)
-    return doc
-
-
-def read_reference(root: Path, model_fingerprint: str | None) -> dict[str, Any] | None:
-    """The reference document of a model, or None when none was written (a checkpoint never validated here)."""
-    if not model_fingerprint:
-        return None
-    path = reference_path(root, model_fingerprint)
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None

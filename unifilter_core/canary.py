@@ -100,15 +100,3 @@ def check_canary(scorer: Any, kind: str, canary: list[dict[str, Any]], tolerance
     worst = max(diffs, default=0.0)
     return {"n": len(canary), "max_abs_diff": round(worst, 6) if np.isfinite(worst) else None,
             "tolerance": tolerance, "passed": bool(worst <= tolerance)}  # fmt: skip
-
-
-def run_canary(root: Path, scorer: Any, kind: str, tolerance: float = TOLERANCE) -> dict[str, Any] | None:
-    """:func:`check_canary` with the canary set the reference of the scorer's model recorded for ``kind``; None
-    when there is none (a checkpoint never validated here). The result names the reference model."""
-    from unifilter_core.calibration import read_reference
-
-    doc = read_reference(root, scorer.model_fingerprint)
-    canary = (((doc or {}).get("kinds") or {}).get(kind) or {}).get("canary")
-    if not canary:
-        return None
-    return {**check_canary(scorer, kind, canary, tolerance), "reference": scorer.model_fingerprint}

@@ -157,7 +157,7 @@ def reference_for(
             )
         total = sum(dense(b or [], c or []) for b, c in rows)
         return f"tars:{','.join(keys[:3])}{'...' if len(keys) > 3 else ''}", total
-    from unifilter_core.calibration import read_reference
+    from unifilter_core.reference import read_reference
 
     doc = read_reference(root, model_fingerprint)
     entry = ((doc or {}).get("kinds") or {}).get(kind)

@@ -170,7 +170,7 @@ def score_partition_tars(
         scorer = load() if ray is None else None  # a checkpoint that does not load fails before any write
         canary = None
         if scorer is not None and canary_tolerance is not None:
-            from unifilter_core.canary import run_canary
+            from unifilter_core.reference import run_canary
 
             canary = run_canary(root, scorer, spec.kind, canary_tolerance)
         write_source_marker(out_dir, spec.name, input_dir)

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import duckdb
+import numpy as np
 
 from unifilter_core import storage
 from unifilter_core.catalog.schema import (
@@ -123,6 +123,8 @@ def compute_score_stats(partition_key: str, parquet_path: str | Path) -> ScoreSt
     path = path if storage.is_url(path) else path.resolve()
     if not path.is_file():
         raise FileNotFoundError(f"score table {path} does not exist; score the tar first")
+    import duckdb  # here: the engine's statistics (stats_from_scores) need no DuckDB
+
     p = str(path)
     conn = duckdb.connect(":memory:")
     try:
@@ -160,6 +162,53 @@ def compute_score_stats(partition_key: str, parquet_path: str | Path) -> ScoreSt
         model_fingerprint=fps,
         fine_bins=[int(b) for b, _ in fine],
         fine_counts=[int(n) for _, n in fine],
+    )
+
+
+def stats_from_scores(
+    partition_key: str,
+    source: str | None,
+    score_path: str,
+    ok_scores: Sequence[float],
+    by_status: dict[str, int],
+    by_reason: dict[str, int],
+    model_fingerprint: str | None,
+) -> ScoreStats:
+    """:func:`compute_score_stats` from what the engine holds in memory after writing a table (the ok rows'
+    float32 scores and the row counts), without reading the table back: the same figures (quantiles by linear
+    interpolation, the same bins), so a manifest's statistics equal the table's."""
+    scores = np.asarray(ok_scores, dtype=np.float32).astype(np.float64)
+    finite = scores[np.isfinite(scores)]
+    qs: list[float | None] = [None] * 5
+    if finite.size:
+        qs = [float(q) for q in np.quantile(finite, [0.05, 0.25, 0.5, 0.75, 0.95]).astype(np.float32)]
+    width = (HIST_HI - HIST_LO) / HIST_BINS
+    coarse = np.clip(np.floor((finite - HIST_LO) / width), 0, HIST_BINS - 1).astype(np.int64)
+    fine_bins, fine_counts = np.unique(
+        np.clip(np.floor((finite - FINE_LO) / FINE_WIDTH), 0, FINE_BINS - 1).astype(np.int64),
+        return_counts=True,
+    )
+    return ScoreStats(
+        partition_key=partition_key,
+        source=source,
+        score_path=score_path,
+        n_rows=int(sum(by_status.values())),
+        n_ok=int(by_status.get("ok", 0)),
+        n_skipped=int(by_status.get("skipped", 0)),
+        n_error=int(by_status.get("error", 0)),
+        mean=_finite(float(finite.mean())) if finite.size else None,
+        p05=qs[0],
+        p25=qs[1],
+        p50=qs[2],
+        p75=qs[3],
+        p95=qs[4],
+        min=float(finite.min()) if finite.size else None,
+        max=float(finite.max()) if finite.size else None,
+        histogram=np.bincount(coarse, minlength=HIST_BINS).tolist(),
+        reasons=dict(sorted(by_reason.items())),
+        model_fingerprint=model_fingerprint,
+        fine_bins=fine_bins.tolist(),
+        fine_counts=fine_counts.tolist(),
     )
 
 

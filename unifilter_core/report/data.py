@@ -268,7 +268,7 @@ def collect_drift(catalog: Catalog) -> dict[str, Any]:
 
 def collect_calibration(catalog: Catalog) -> dict[str, Any] | None:
     """The calibration report of the model that scored most ok samples (its validation pairs), or None."""
-    from unifilter_core.calibration import read_reference
+    from unifilter_core.reference import read_reference
 
     _, rows = catalog.query(
         "SELECT model_fingerprint FROM score_stats WHERE model_fingerprint IS NOT NULL "

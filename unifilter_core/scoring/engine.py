@@ -397,9 +397,11 @@ def _score(
         },
     }
     if job.output_format == OutputFormat.UNIFILTER:  # the catalog ingests these, not the table
-        from unifilter_core.catalog.stats import compute_score_stats
+        from unifilter_core.catalog.stats import stats_from_scores
 
-        meta["stats"] = compute_score_stats(job.pkey, job.table).to_manifest()
+        stats = stats_from_scores(job.pkey, job.source, str(job.table), counts.ok_scores, counts.by_status,
+                                  counts.by_reason, key.model_fingerprint)  # fmt: skip
+        meta["stats"] = stats.to_manifest()
     meta.update(job.extra)
     write_manifest(job.manifest_path, _build_manifest(job, meta))
     logger.info("%s", summary.describe())

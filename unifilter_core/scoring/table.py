@@ -341,14 +341,17 @@ class ManifestKey:
 
 @dataclass(slots=True)
 class Counts:
-    """Row counts by status and by reason code."""
+    """Row counts by status and by reason code, and the ok rows' scores (the table's statistics)."""
 
     by_status: dict[str, int] = field(default_factory=dict)
     by_reason: dict[str, int] = field(default_factory=dict)
+    ok_scores: list[float] = field(default_factory=list)
 
     def add(self, result: ScoreResult) -> None:
         status = str(result.status)
         self.by_status[status] = self.by_status.get(status, 0) + 1
+        if status == "ok" and result.score is not None:
+            self.ok_scores.append(result.score)
         if result.reason is not None:
             reason = str(result.reason)
             self.by_reason[reason] = self.by_reason.get(reason, 0) + 1

@@ -180,7 +180,7 @@ def stage2_classifier(
         else:
             out, metrics = _train(root, config)
     fingerprint = checkpoint_fingerprint(out)
-    from unifilter_core.calibration import write_reference
+    from unifilter_core.reference import write_reference
 
     reference = write_reference(root, out, fingerprint)  # calibration, and the drift reference of each kind
     write_manifest_json(
