@@ -15,6 +15,7 @@ import pytest
 
 from unifilter_core.catalog import Catalog
 from unifilter_core.catalog import ingest as ingest_module
+from unifilter_core.catalog import stats as stats_module
 from unifilter_core.catalog.schema import FINE_WIDTH, SCHEMA_VERSION
 from unifilter_core.catalog.stats import compute_score_stats
 
@@ -117,9 +118,9 @@ def test_refresh_ingests_manifests_in_batches_without_reading_tables(tmp_path: P
     _table(tmp_path, "a", 9, [2.0], manifest=False)  # an old table without statistics: computed from parquet
     catalog = Catalog(root=tmp_path)
     computed: list[str] = []
-    real = ingest_module.compute_score_stats
+    real = stats_module.compute_score_stats
     monkeypatch.setattr(
-        ingest_module, "compute_score_stats", lambda key, path: computed.append(key) or real(key, path)
+        stats_module, "compute_score_stats", lambda key, path: computed.append(key) or real(key, path)
     )
     writes: list[int] = []
     real_ingest = Catalog.ingest_stats

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from tests.tarfixtures import caption_members, jpeg_bytes, write_tar
-from unifilter_core.calibration import calibration_report, fine_histogram
+from unifilter_core.calibration import calibration_report
 from unifilter_core.catalog import Catalog
+from unifilter_core.catalog.stats import fine_histogram
 from unifilter_core.drift import DriftLimits, dense, drift_row, ks, psi
 from unifilter_core.reference import write_reference
 

@@ -15,8 +15,6 @@ from typing import Any
 
 import numpy as np
 
-from unifilter_core.catalog.schema import FINE_BINS, FINE_LO, FINE_WIDTH
-
 
 def calibration_report(
     scores: np.ndarray, levels: np.ndarray, num_levels: int = 4, bins: int = 12
@@ -59,12 +57,3 @@ def calibration_report(
         "per_level": per_level,
         "reliability": reliability,
     }
-
-
-def fine_histogram(scores: np.ndarray) -> tuple[list[int], list[int]]:
-    """The sparse fine histogram (bins, counts) of scores, the binning of ``score_stats.fine_bins``."""
-    scores = np.asarray(scores, dtype=np.float64)
-    scores = scores[np.isfinite(scores)]
-    bins = np.clip(np.floor((scores - FINE_LO) / FINE_WIDTH), 0, FINE_BINS - 1).astype(np.int64)
-    values, counts = np.unique(bins, return_counts=True)
-    return values.tolist(), counts.tolist()

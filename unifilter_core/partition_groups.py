@@ -136,6 +136,7 @@ def score_partition_tars(
     drift: Any = None,
     drift_reference: Sequence[str] = (),
     canary_tolerance: float | None = None,
+    todo: Iterable[str] | None = None,
 ) -> list[TarResult]:
     """Score the tars of one partition, each into its own table, loading the model at most once.
 
@@ -147,7 +148,8 @@ def score_partition_tars(
     DriftLimits`) each tar is also compared with its reference (the model's validation pairs, or the tars
     ``drift_reference`` names) and the result recorded in ``score_drift`` (``TarResult.drift``). With
     ``canary_tolerance`` a local run first scores the model's canary set (:mod:`unifilter_core.canary`) and records
-    the result in the manifest of each tar it scores (``canary``).
+    the result in the manifest of each tar it scores (``canary``). ``todo``: the caller's
+    :func:`tars_to_score` (default: found here).
 
     Raises:
         SourceMismatchError: the score folder holds tables of another input folder (a ValueError).
@@ -160,7 +162,7 @@ def score_partition_tars(
     out_dir = paths.scores_dir(where, spec.name)
     input_dir = part.tars[0][1].parent
     check_source_marker(out_dir, spec.name, input_dir, hint=_MARKER_HINT)
-    todo = set(tars_to_score(root, part, request_keys, tables=where))
+    todo = set(tars_to_score(root, part, request_keys, tables=where) if todo is None else todo)
     results: dict[str, TarResult] = {}
     for tar_key, tar in part.tars:
         if tar_key not in todo:
@@ -175,8 +177,10 @@ def score_partition_tars(
             canary = run_canary(root, scorer, spec.kind, canary_tolerance)
         write_source_marker(out_dir, spec.name, input_dir)
         tars = [tar for tar_key, tar in part.tars if tar_key in todo]
-        by_name = {paths.base_name(tar): tar_key for tar_key, tar in part.tars}
-        keys = {str(tar): request_keys[by_name[paths.base_name(tar)]] for tar in tars}
+        keys = {str(tar): request_keys[tar_key] for tar_key, tar in part.tars if tar_key in todo}
+        by_name = {
+            paths.base_name(tar): tar_key for tar_key, tar in part.tars
+        }  # summaries come back in any order
         if ray is not None:
             summaries = ray.score(tars, out_dir, kind=spec.kind, source=spec.name, request_keys=keys)
         else:
@@ -198,8 +202,9 @@ def score_partition_tars(
             from unifilter_core.drift import check_tars
 
             rows = check_tars(root, catalog, spec.kind, list(by_key.values()), drift, drift_reference)
+            by_tar = {row.partition_key: row for row in rows}
             for r in ordered:
-                r.drift = next((row for row in rows if row.partition_key == r.tar_key), None)
+                r.drift = by_tar.get(r.tar_key)
     return ordered
 
 

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from unifilter_core import paths
-from unifilter_core.calibration import calibration_report, fine_histogram
+from unifilter_core.calibration import calibration_report
 from unifilter_core.canary import TOLERANCE, check_canary, pick_canary
+from unifilter_core.catalog.stats import fine_histogram
 
 logger = logging.getLogger(__name__)
 

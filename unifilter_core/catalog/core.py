@@ -256,7 +256,7 @@ class Catalog:
         """:meth:`record_score_stats` for many ``(partition_key, parquet_path)`` pairs in one write (a tar
         group's tables). The statistics the engine recorded in each table's manifest are used; a table without
         them (written before they were recorded) is summarised from its parquet."""
-        stats = [table_stats(key, path) for key, path in tables]
+        stats = [table_stats(path, key) for key, path in tables]  # a key is given: never None
         self.ingest_stats(stats, update_view=update_view)
         return stats
 

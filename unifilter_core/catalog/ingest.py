@@ -7,40 +7,18 @@ from-scratch refresh of 100k tables is minutes, not hours.
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
 import duckdb
 
 from unifilter_core import storage
-from unifilter_core.catalog.stats import (
-    ScoreStats,
-    compute_score_stats,
-    manifest_of,
-    stats_from_manifest,
-    stats_key,
-)
+from unifilter_core.catalog.stats import table_stats
 
 logger = logging.getLogger(__name__)
 
 #: statistics written per catalog transaction
 BATCH = 5_000
-
-
-def stats_of_table(path: Any) -> ScoreStats | None:
-    """A table's statistics: from its manifest (key and statistics recorded at scoring time), else computed
-    from the parquet under the key it records; None when it records no key (left out, warned)."""
-    try:
-        doc = json.loads(manifest_of(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        doc = None
-    if isinstance(doc, dict) and isinstance(doc.get("partition_key"), str) and doc["partition_key"]:
-        recorded = stats_from_manifest(doc, doc["partition_key"], str(path))
-        if recorded is not None:
-            return recorded
-    key = stats_key(path)
-    return compute_score_stats(key, path) if key is not None else None
 
 
 def refresh_stats(catalog: Any, good: list[str]) -> tuple[int, list[str]]:
@@ -60,7 +38,7 @@ def refresh_stats(catalog: Any, good: list[str]) -> tuple[int, list[str]]:
         try:
             if rp in have and have[rp] >= p.stat().st_mtime:
                 continue
-            stats = stats_of_table(p if storage.is_url(p) else p.resolve())
+            stats = table_stats(p)
         except (duckdb.Error, OSError, ValueError) as exc:  # data pages corrupt behind a good footer
             why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             logger.warning("score table %s does not read, left out of score_stats: %s", p, why)
@@ -79,17 +57,23 @@ def record_drift(catalog: Any, rows: list[Any], model_fingerprint: str | None) -
     """Replace the ``score_drift`` rows of these tars (:class:`unifilter_core.drift.DriftRow`) in one write."""
     if not rows:
         return 0
+    import pyarrow as pa
+
     from unifilter_core.catalog.schema import utcnow
 
-    now = utcnow()
-    params = [[*r.to_dict().values(), model_fingerprint, now] for r in rows]
-    columns = [*rows[0].to_dict(), "model_fingerprint", "computed_at"]
-    sql = f"INSERT INTO score_drift ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
-    keys = [[r.partition_key] for r in rows]
+    table = pa.Table.from_pylist(
+        [{**r.to_dict(), "model_fingerprint": model_fingerprint, "computed_at": utcnow()} for r in rows]
+    )
 
-    def work(conn: duckdb.DuckDBPyConnection) -> None:
-        conn.executemany("DELETE FROM score_drift WHERE partition_key = ?", keys)
-        conn.executemany(sql, params)
+    def work(conn: duckdb.DuckDBPyConnection) -> None:  # set-based: a statement per row costs ~5 ms
+        conn.register("_new_drift", table)
+        try:
+            conn.execute(
+                "DELETE FROM score_drift WHERE partition_key IN (SELECT partition_key FROM _new_drift)"
+            )
+            conn.execute("INSERT INTO score_drift BY NAME SELECT * FROM _new_drift")
+        finally:
+            conn.unregister("_new_drift")
 
     catalog._write(work)
     return len(rows)

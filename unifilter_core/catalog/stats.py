@@ -165,6 +165,16 @@ def compute_score_stats(partition_key: str, parquet_path: str | Path) -> ScoreSt
     )
 
 
+def fine_histogram(scores: Any) -> tuple[list[int], list[int]]:
+    """The sparse fine histogram (bins, counts) of the finite scores: the binning of ``score_stats.fine_bins``
+    (the SQL of :func:`compute_score_stats` bins alike)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    scores = scores[np.isfinite(scores)]
+    bins = np.clip(np.floor((scores - FINE_LO) / FINE_WIDTH), 0, FINE_BINS - 1).astype(np.int64)
+    values, counts = np.unique(bins, return_counts=True)
+    return values.tolist(), counts.tolist()
+
+
 def stats_from_scores(
     partition_key: str,
     source: str | None,
@@ -184,10 +194,7 @@ def stats_from_scores(
         qs = [float(q) for q in np.quantile(finite, [0.05, 0.25, 0.5, 0.75, 0.95]).astype(np.float32)]
     width = (HIST_HI - HIST_LO) / HIST_BINS
     coarse = np.clip(np.floor((finite - HIST_LO) / width), 0, HIST_BINS - 1).astype(np.int64)
-    fine_bins, fine_counts = np.unique(
-        np.clip(np.floor((finite - FINE_LO) / FINE_WIDTH), 0, FINE_BINS - 1).astype(np.int64),
-        return_counts=True,
-    )
+    fine_bins, fine_counts = fine_histogram(finite)
     return ScoreStats(
         partition_key=partition_key,
         source=source,
@@ -207,8 +214,8 @@ def stats_from_scores(
         histogram=np.bincount(coarse, minlength=HIST_BINS).tolist(),
         reasons=dict(sorted(by_reason.items())),
         model_fingerprint=model_fingerprint,
-        fine_bins=fine_bins.tolist(),
-        fine_counts=fine_counts.tolist(),
+        fine_bins=fine_bins,
+        fine_counts=fine_counts,
     )
 
 
@@ -272,17 +279,22 @@ def manifest_of(path: Any) -> Any:
     return path.with_name(path.name.split(".")[0] + ".manifest.json")
 
 
-def table_stats(partition_key: str, parquet_path: str | Path) -> ScoreStats:
+def table_stats(parquet_path: str | Path, partition_key: str | None = None) -> ScoreStats | None:
     """A score table's statistics: those its manifest recorded at scoring time, else computed from the parquet
-    (:func:`compute_score_stats`)."""
+    (:func:`compute_score_stats`). Filed under ``partition_key``, else the key the manifest records, else
+    :func:`stats_key`; None when none is known (a table written by hand, warned)."""
     path = storage.location(parquet_path)
     path = path if storage.is_url(path) else path.resolve()
     try:
         doc = json.loads(manifest_of(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         doc = None
-    recorded = stats_from_manifest(doc, partition_key, str(path)) if isinstance(doc, dict) else None
-    return recorded if recorded is not None else compute_score_stats(partition_key, path)
+    doc = doc if isinstance(doc, dict) else {}
+    key = partition_key or _text(doc.get("partition_key")) or stats_key(path)
+    if key is None:
+        return None
+    recorded = stats_from_manifest(doc, key, str(path))
+    return recorded if recorded is not None else compute_score_stats(key, path)
 
 
 def stats_arrow(stats: Sequence[ScoreStats], updated_at: Any) -> Any:

@@ -148,15 +148,16 @@ def scores(
     settings_config = settings.scoring_config()
     ray = scoring_model.ray_target(root)
     keys = {k: scoring_model.request_key(root, settings, kind, tar, settings_config) for k, tar in part.tars}
+    todo = tars_to_score(root, part, keys, tables=home.tables_location)
     scorer = None
-    if ray is None and tars_to_score(root, part, keys, tables=home.tables_location):
+    if ray is None and todo:
         scorer = scoring_model.load(root, settings)  # a checkpoint that does not load fails before any write
     catalog = home.catalog(duckdb)
     with timed() as timing:
         results = score_partition_tars(
-            root, part, request_keys=keys, load=lambda: scorer or scoring_model.load(root, settings),
+            root, part, request_keys=keys, load=lambda: scorer,
             config=settings_config, catalog=catalog, tables=home.tables_location, ray=ray, drift=drift,
-            drift_reference=config.drift_reference_tars, canary_tolerance=config.canary_tolerance,
+            drift_reference=config.drift_reference_tars, canary_tolerance=config.canary_tolerance, todo=todo,
         )  # fmt: skip
     from unifilter_core.scoring import read_manifest
 
