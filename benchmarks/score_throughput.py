@@ -4,6 +4,7 @@ Run from the repository root (CPU; about 2-4 minutes on 2 cores)::
 
     python benchmarks/score_throughput.py                 # full run, figures saved under benchmarks/results/
     python benchmarks/score_throughput.py --quick         # small smoke run
+    python benchmarks/score_throughput.py --load 1        # with one busy CPU-bound process beside every run
 
 What it does, in one process:
 1. generates a caption tar (DataComp layout) and an interleaved tar (OBELICS layout) with random JPEG images of
@@ -297,10 +298,14 @@ def run_ours(tar: Path, kind: str, scorer: Any, out_dir: Path, config: Any) -> d
 
 
 def engine_config(args: argparse.Namespace, kind: str) -> Any:
-    from unifilter_core.scoring import ScoringConfig
+    """The engine's settings for ``kind`` on this CPU: its defaults, or the flags given."""
+    from unifilter_core.scoring.settings import ScoringSettings
 
     batch = args.caption_batch if kind == "caption" else args.document_batch
-    return ScoringConfig(batch_size=batch, num_workers=args.workers, max_batch_tokens=args.max_batch_tokens)
+    settings = ScoringSettings(
+        device="cpu", batch_size=batch, num_workers=args.workers, max_batch_tokens=args.max_batch_tokens
+    ).resolve(kind)
+    return settings.scoring_config()
 
 
 def rss_child(argv: list[str]) -> None:
@@ -338,6 +343,7 @@ def rss_child(argv: list[str]) -> None:
 
 
 def measure_rss(kind: str, tar: Path, ckpt: Path, out_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    config = engine_config(args, kind)
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -346,8 +352,8 @@ def measure_rss(kind: str, tar: Path, ckpt: Path, out_dir: Path, args: argparse.
         str(tar),
         str(ckpt),
         str(out_dir),
-        str(args.workers),
-        str(args.caption_batch),
+        str(config.num_workers),
+        str(config.batch_size),
     ]
     done = subprocess.run(
         cmd, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(REPO)}
@@ -371,7 +377,7 @@ def _run_original_threads(
 def compare(kind: str, tar: Path, scorer: Any, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Original loop as written (torch's default threads next to its decode worker), the original loop with
     its model threads tuned to the cores its worker leaves free, and our engine, on the same tar."""
-    from unifilter_core.scoring.engine import available_cpus
+    from unifilter_core.cpus import available_cpus
 
     original_batch = 4 if kind == "caption" else 1  # the original README's batch sizes
     runs = {
@@ -407,25 +413,48 @@ def compare(kind: str, tar: Path, scorer: Any, args: argparse.Namespace, work: P
     return result
 
 
+def start_load(n: int) -> list[subprocess.Popen]:
+    """``n`` CPU-bound processes (a Python busy loop each) that run beside the measured scoring runs."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+def stop_load(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--rss-child":
         rss_child(sys.argv[2:])
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--captions", type=int, default=1500)
-    parser.add_argument("--documents", type=int, default=150)
+    parser.add_argument("--documents", type=int, default=600)
     parser.add_argument(
         "--rss-base", type=int, default=400, help="captions in the small tar of the RSS check"
     )
     parser.add_argument("--rss-factor", type=int, default=10, help="the large tar holds this many times more")
-    parser.add_argument("--workers", type=int, default=1, help="our engine's decode workers")
-    parser.add_argument("--caption-batch", type=int, default=32)
-    parser.add_argument("--document-batch", type=int, default=8)
+    parser.add_argument(
+        "--workers", type=int, default=None, help="our engine's decode workers (default: its own)"
+    )
+    parser.add_argument("--caption-batch", type=int, default=None, help="default: the engine's (16)")
+    parser.add_argument("--document-batch", type=int, default=None, help="default: the engine's on CPU (2)")
     parser.add_argument("--max-batch-tokens", type=int, default=None)
+    parser.add_argument(
+        "--load", type=int, default=0, help="busy CPU-bound processes running beside the measured runs"
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     parser.add_argument("--workdir", default=None, help="keep generated data here (default: a temp folder)")
-    parser.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "score_throughput.json"))
+    parser.add_argument(
+        "--results",
+        default=None,
+        help="figures file (default: benchmarks/results/score_throughput[_loadN].json)",
+    )
     args = parser.parse_args()
+    if args.results is None:
+        suffix = f"_load{args.load}" if args.load else ""
+        args.results = str(REPO / "benchmarks" / "results" / f"score_throughput{suffix}.json")
     if args.quick:
         args.captions, args.documents, args.rss_base, args.rss_factor = 200, 24, 100, 3
     logging.basicConfig(level=logging.WARNING)
@@ -436,7 +465,8 @@ def main() -> None:
         corpus += write_document_tar(work / "00000001.tar", args.documents, seed=1)
         ckpt = build_model(work, corpus)
         print(
-            f"generated data and model in {time.perf_counter() - t0:.1f} s; torch threads {torch.get_num_threads()}"
+            f"generated data and model in {time.perf_counter() - t0:.1f} s; torch threads {torch.get_num_threads()}; "
+            f"{args.load} busy process(es) beside the scoring runs"
         )
 
         from unifilter_core.scorer import load_scorer
@@ -451,9 +481,14 @@ def main() -> None:
                 "dtype": "float32",
             },
             "settings": {k: v for k, v in vars(args).items() if k not in ("results", "workdir")},
+            "busy_processes_beside": args.load,
         }
-        figures["documents"] = compare("interleaved", work / "00000001.tar", scorer, args, work)
-        figures["captions"] = compare("caption", work / "00000000.tar", scorer, args, work)
+        load = start_load(args.load)
+        try:
+            figures["documents"] = compare("interleaved", work / "00000001.tar", scorer, args, work)
+            figures["captions"] = compare("caption", work / "00000000.tar", scorer, args, work)
+        finally:
+            stop_load(load)
 
         small, big = work / "00000002.tar", work / "00000003.tar"
         write_caption_tar(small, args.rss_base, seed=2)
@@ -478,7 +513,7 @@ def main() -> None:
     for name in ("documents", "captions"):
         fig = figures[name]
         print(
-            f"{name}: ours / original with tuned threads = {fig['speedup_vs_tuned_original']:.2f} "
+            f"{name}{' (loaded)' if args.load else ''}: ours / original with tuned threads = {fig['speedup_vs_tuned_original']:.2f} "
             f"(ours / original as written = {fig['speedup']:.2f}; scores agree to {fig['max_abs_score_diff']:.1e})"
         )
 

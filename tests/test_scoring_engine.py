@@ -476,3 +476,22 @@ def test_engine_bar_follows_unifilter_progress(
     )
     err = capsys.readouterr().err
     assert ("00000000.tar" in err and "sample" in err) is drawn, err
+
+
+def test_the_listing_walk_runs_beside_the_scoring(tmp_path: Path) -> None:
+    from unifilter_core.data.listing import list_tar_samples
+    from unifilter_core.scoring.outputs import listing_record, start_listing
+
+    tar = write_tar(tmp_path / "00000000.tar", caption_members(6))
+    walk = start_listing(tar)
+    want = list_tar_samples(tar)
+    assert walk.result(timeout=30).keys == want.keys and want.samples == 6
+    keys = set(want.keys)
+    record = listing_record(tar, keys - {sorted(keys)[0]}, walk)
+    assert (record["samples"], record["missing_keys"], record["missing_examples"]) == (
+        6,
+        1,
+        [sorted(keys)[0]],
+    )
+    gone = start_listing(tmp_path / "missing.tar")
+    assert "FileNotFoundError" in listing_record(tmp_path / "missing.tar", set(), gone)["error"]

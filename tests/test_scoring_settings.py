@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from unifilter_core.scoring.settings import DEFAULT_BATCH_SIZE, ScoringSettings, SettingsError
+from unifilter_core.scoring.settings import (
+    CPU_BATCH_SIZE,
+    DEFAULT_BATCH_SIZE,
+    ScoringSettings,
+    SettingsError,
+    default_workers,
+)
 
 
 def _cli_args(kind: str, *flags: str) -> argparse.Namespace:
@@ -29,13 +35,13 @@ def test_cli_and_resource_defaults_are_the_settings_defaults(kind: str) -> None:
     # the same machine and kind give the same run settings through either door
     cli = ScoringSettings.from_values(_cli_args(kind)).resolve(kind, 0)
     assert cli == ScoringModelResource().settings(kind, "0")
-    assert cli.batch_size == DEFAULT_BATCH_SIZE[kind]
+    assert cli.batch_size == (DEFAULT_BATCH_SIZE if torch.cuda.is_available() else CPU_BATCH_SIZE)[kind]
 
 
 def test_cli_help_states_the_settings_batch_default() -> None:
-    from unifilter_core.cli.score_flags import _DEFAULT_BATCH_HELP
+    from unifilter_core.cli.score_flags import _CPU_BATCH_HELP, _DEFAULT_BATCH_HELP
 
-    assert _DEFAULT_BATCH_HELP == DEFAULT_BATCH_SIZE
+    assert _DEFAULT_BATCH_HELP == DEFAULT_BATCH_SIZE and _CPU_BATCH_HELP == CPU_BATCH_SIZE
 
 
 def test_every_cli_scoring_flag_reaches_the_settings() -> None:
@@ -56,7 +62,8 @@ def test_resolve_fills_in_the_machine() -> None:
         assert (resolved.device, resolved.dtype, resolved.compile_vision) == ("cpu", "float32", None)
     else:
         assert (resolved.device, resolved.dtype) == ("cuda", "bfloat16")
-    assert resolved.batch_size == 4 and resolved.num_workers >= 1
+    assert resolved.batch_size == (4 if torch.cuda.is_available() else 2) and resolved.num_workers >= 1
+    assert resolved.num_workers == default_workers(resolved.device)
     assert resolved.resolve("interleaved") == resolved  # resolving twice changes nothing
     with pytest.raises(ValueError, match="resolve"):
         ScoringSettings().scoring_config()
@@ -134,7 +141,7 @@ def test_resource_loads_the_model_once_per_run(tmp_path: Path, tiny_checkpoint: 
         again = model_resource.load(tmp_path, model_resource.settings("caption"))
         docs = model_resource.load(tmp_path, model_resource.settings("interleaved"))
         assert again is first and len(loads) == 1
-        assert docs.model is first.model and docs.options.batch_size == 4 and len(loads) == 1
+        assert docs.model is first.model and docs.options.batch_size == 2 and len(loads) == 1  # CPU default
         stretched = model_resource.load(
             tmp_path, dataclasses.replace(model_resource.settings("caption"), image_aspect_ratio="resize")
         )
@@ -143,3 +150,11 @@ def test_resource_loads_the_model_once_per_run(tmp_path: Path, tiny_checkpoint: 
     assert model_resource._loaded == {}  # released with the run
     with pytest.raises(ValueError, match="another model load"):
         first.with_settings(dataclasses.replace(first.options, dtype="bfloat16"))
+
+
+def test_default_workers_follow_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    import unifilter_core.cpus as cpus
+
+    for cores, cpu_workers, gpu_workers in ((1, 1, 1), (2, 2, 1), (4, 3, 3), (16, 15, 15)):
+        monkeypatch.setattr(cpus, "available_cpus", lambda n=cores: n)
+        assert default_workers("cpu") == cpu_workers and default_workers("cuda:0") == gpu_workers

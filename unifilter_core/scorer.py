@@ -241,8 +241,8 @@ class Scorer:
                     attention=self.options.packed_attention,
                     vision_batch_size=self.options.vision_batch_size,
                 )
-            else:
-                logits = self.model(**batch).logits
+            else:  # the last decoder layer on the last tokens only, where the body supports it
+                logits = self.model(**batch, last_token_only=True).logits
             logits = logits.float()
             if logits.shape[-1] == 1:
                 return logits[:, 0]

@@ -16,6 +16,7 @@ from unifilter_core.cli import CLIError
 DEFAULT_TARS_PER_GPU = 128
 # the batch size ScoringSettings.resolve picks per kind, for --help only (importing the settings loads torch)
 _DEFAULT_BATCH_HELP = {"caption": 16, "interleaved": 4}
+_CPU_BATCH_HELP = {"caption": 16, "interleaved": 2}
 
 
 #: flags of the original scripts that have no meaning here: flag -> (why, what to use instead)
@@ -90,8 +91,12 @@ def add_flags(p: argparse.ArgumentParser, kind: str) -> None:
         "credentials and endpoint from the AWS_* environment)",
     )
     p.add_argument("--gpu-id", type=int, default=0, help="block index I: the tars with ids in [I*N, (I+1)*N)")
-    batch = _DEFAULT_BATCH_HELP[kind]  # ScoringSettings' default (a test keeps the two equal)
-    p.add_argument("--batch-size", type=int, default=None, help=f"samples per model call (default {batch})")
+    batch, cpu_batch = (
+        _DEFAULT_BATCH_HELP[kind],
+        _CPU_BATCH_HELP[kind],
+    )  # ScoringSettings' (a test keeps them equal)
+    default = f"{batch}" if batch == cpu_batch else f"{batch}, {cpu_batch} on CPU"
+    p.add_argument("--batch-size", type=int, default=None, help=f"samples per model call (default {default})")
     p.add_argument(
         "--tars-per-gpu",
         type=int,

@@ -37,6 +37,7 @@ from unifilter_core.modeling.layout import (
     to_released_key,
 )
 from unifilter_core.modeling.safetensors_io import WEIGHTS_NAME, save_safetensors_atomic, weight_keys
+from unifilter_core.modeling.splice import splice_image_features
 from unifilter_core.modeling.vision_tower import load_tower_from_folder
 from unifilter_core.progress import transformers_bars
 
@@ -99,63 +100,6 @@ class UniFilterModel(nn.Module):
             config.vision_config.hidden_size, config.text_config.hidden_size, config.num_image_tokens
         )
         self.language_model = AutoModel.from_config(config.text_config)
-
-
-def splice_image_features(
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    image_features: torch.Tensor | None,
-    embed_tokens: nn.Module,
-    image_token_index: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Replace each image sentinel by that image's feature vectors (images consumed in row-major order).
-
-    Args:
-        input_ids: ``[B, T]`` ids with ``image_token_index`` at image positions, right padded.
-        attention_mask: ``[B, T]`` 1 for real tokens (a prefix of each row), 0 for padding.
-        image_features: ``[N, K, H]`` projected features, N = number of sentinels in the real tokens.
-        embed_tokens: the text embedding table.
-        image_token_index: the sentinel id (-200).
-
-    Returns:
-        ``(inputs_embeds [B, L, H], attention_mask [B, L])``, right padded with zeros, L = longest spliced row.
-
-    Raises:
-        ValueError: when the mask is not right padding or the sentinel and image counts differ.
-    """
-    mask = attention_mask.to(torch.bool)
-    lengths = mask.sum(dim=1)
-    positions = torch.arange(mask.shape[1], device=mask.device)
-    if not torch.equal(mask, positions[None, :] < lengths[:, None]):
-        raise ValueError("attention_mask must be right padding: ones for the real tokens, then zeros")
-    is_image = (input_ids == image_token_index) & mask
-    n_sentinels = int(is_image.sum())
-    n_images = 0 if image_features is None else image_features.shape[0]
-    if n_sentinels != n_images:
-        raise ValueError(
-            f"input_ids hold {n_sentinels} image sentinels ({image_token_index}) but {n_images} images were "
-            "given; pass exactly one image per sentinel, in the order the sentinels appear row by row"
-        )
-    safe_ids = torch.where(
-        is_image | ~mask, torch.zeros_like(input_ids), input_ids
-    )  # pad ids may be anything
-    text_embeds = embed_tokens(safe_ids)  # (B, T, H)
-    k = 0 if image_features is None else image_features.shape[1]
-    widths = torch.where(is_image, k, 1) * mask  # tokens each position expands to
-    starts = torch.cumsum(widths, dim=1) - widths  # (B, T) output position of each input token
-    new_lengths = widths.sum(dim=1)
-    out_len = int(new_lengths.max()) if new_lengths.numel() else 0
-    batch, _, hidden = text_embeds.shape
-    embeds = text_embeds.new_zeros(batch, out_len, hidden)
-    text_pos = mask & ~is_image
-    rows = torch.arange(batch, device=input_ids.device)[:, None].expand_as(input_ids)
-    embeds[rows[text_pos], starts[text_pos]] = text_embeds[text_pos]
-    if n_images:
-        img_rows = rows[is_image][:, None].expand(-1, k)  # (N, K)
-        img_cols = starts[is_image][:, None] + torch.arange(k, device=input_ids.device)  # (N, K)
-        embeds[img_rows, img_cols] = image_features.to(embeds.dtype)
-    new_mask = torch.arange(out_len, device=input_ids.device)[None, :] < new_lengths[:, None]
-    return embeds, new_mask.to(attention_mask.dtype)
 
 
 def scores_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -263,6 +207,7 @@ class UniFilterForQualityScoring(PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        last_token_only: bool = False,
         **kwargs: Any,
     ) -> QualityScoringOutput:
         """Score a batch.
@@ -272,6 +217,9 @@ class UniFilterForQualityScoring(PreTrainedModel):
             attention_mask: ``[B, T]``; all ones when omitted.
             pixel_values: ``[N, 3, H, W]`` for the N sentinels, in the order they appear row by row.
             labels: ``[B]`` float levels (num_labels == 1) or class ids (num_labels >= 2).
+            last_token_only: run the last decoder layer on each row's last token only (what the head reads;
+                :mod:`unifilter_core.modeling.last_token`), where the body supports it; the logits are the same
+                to float rounding. The scorer and stage-2 training pass True; the default is the full forward.
 
         Returns:
             :class:`QualityScoringOutput` with float32 ``logits`` ``[B, num_labels]``.
@@ -279,6 +227,16 @@ class UniFilterForQualityScoring(PreTrainedModel):
         kwargs.pop("num_items_in_batch", None)  # passed by transformers' Trainer; the loss is a plain mean
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if last_token_only and not kwargs:
+            from unifilter_core.modeling import last_token
+
+            if last_token.supports_last_token(self):
+                pooled, mask = last_token.last_token_pooled(self, input_ids, attention_mask, pixel_values)
+                logits = F.linear(pooled.float(), self.score.weight.float())
+                loss = self._loss(logits, labels) if labels is not None else None
+                return QualityScoringOutput(
+                    loss=loss, logits=logits, pooled_hidden_state=pooled, attention_mask=mask
+                )
         image_features = self.encode_images(pixel_values) if pixel_values is not None else None
         embed = self.get_input_embeddings()
         inputs_embeds, mask = splice_image_features(

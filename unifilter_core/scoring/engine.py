@@ -37,6 +37,7 @@ import torch
 
 import unifilter_core
 from unifilter_core import storage
+from unifilter_core.cpus import available_cpus
 from unifilter_core.data import tar_fingerprint
 from unifilter_core.data.text import escape_unencodable
 from unifilter_core.paths import base_name
@@ -52,7 +53,7 @@ from unifilter_core.scoring.config import (
     scorer_dtype,
 )
 from unifilter_core.scoring.output import OutputError, output_errors
-from unifilter_core.scoring.outputs import listing_record, open_writer, output_paths
+from unifilter_core.scoring.outputs import listing_record, open_writer, output_paths, start_listing
 from unifilter_core.scoring.pool import DecodePool
 from unifilter_core.scoring.samples import SampleItem, iter_items, short_error
 from unifilter_core.scoring.summary import TarScoreSummary, summary_from_manifest
@@ -103,14 +104,6 @@ def _score_window(window: list[SampleItem], runner: BatchRunner, config: Scoring
         assert result is not None
         rows.append(ScoreRow(item.key, item.uid, item.url, result, item.flags, item.meta))
     return rows
-
-
-def available_cpus() -> int:
-    """CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 @contextlib.contextmanager
@@ -318,6 +311,7 @@ def _score(
     runner = BatchRunner(scorer)
     counts = Counts()
     written_keys: set[str] = set()
+    walk = start_listing(job.tar)  # the integrity walk overlaps the scoring
     if pool is not None:
         items = pool.stream(job.tar, job.kind)
     else:
@@ -380,7 +374,7 @@ def _score(
         },
         "counts": {"status": counts.by_status, "reason": counts.by_reason},
         "scored_by": job.scored_by or "local",
-        "listing": listing_record(job.tar, written_keys),
+        "listing": listing_record(job.tar, written_keys, walk),
         "timings": {
             "started_at": started_at.isoformat(),
             "finished_at": datetime.now(timezone.utc).isoformat(),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -61,18 +63,34 @@ def output_paths(
 MISSING_EXAMPLES = 5
 
 
-def listing_record(tar: Path, written_keys: set[str]) -> dict[str, Any]:
+def start_listing(tar: Path) -> Future:
+    """Start the independent header walk of ``tar`` (:func:`list_tar_samples`) in a thread, so that it overlaps
+    the scoring instead of following it; pass the future to :func:`listing_record`."""
+    future: Future = Future()
+
+    def walk() -> None:
+        try:
+            future.set_result(list_tar_samples(tar))
+        except BaseException as exc:  # handed to the caller by future.result()
+            future.set_exception(exc)
+
+    threading.Thread(target=walk, name=f"listing-{tar.name}", daemon=True).start()
+    return future
+
+
+def listing_record(tar: Path, written_keys: set[str], walk: Future | None = None) -> dict[str, Any]:
     """The manifest's ``listing``: an independent header walk of the tar against the keys the table holds.
 
     Args:
         tar: the scored tar.
         written_keys: the (escaped) keys of the table's rows.
+        walk: the walk :func:`start_listing` started (None: walk now).
 
     Returns:
         ``{"samples", "members", "missing_keys", "missing_examples" (at most 5, sorted), "error"}``;
         ``missing_keys`` counts sample keys of the tar with no row (must be 0).
     """
-    listing = list_tar_samples(tar)
+    listing = walk.result() if walk is not None else list_tar_samples(tar)
     missing = sorted(listing.keys - written_keys)
     if missing:
         logger.error(
