@@ -9,7 +9,9 @@ PY := $(VENV)/bin/python
 setup:
 	bash scripts/setup.sh
 
-demo: setup
+# the demo needs no extras (tests, DeepSpeed, Ray): a shorter set-up; `make test` adds them later
+demo:
+	UNIFILTER_EXTRAS= bash scripts/setup.sh
 	$(VENV)/bin/unifilter demo
 
 lint: setup

@@ -2,6 +2,7 @@
 # Set up a virtual environment for UniFilter on a fresh machine.
 #
 #   bash scripts/setup.sh            # runtime + dev + training + ray extras (what tests need)
+#   UNIFILTER_EXTRAS= bash scripts/setup.sh      # runtime only (what `make demo` needs)
 #   UNIFILTER_TORCH=cuda bash scripts/setup.sh   # force the CUDA build of torch
 #   UNIFILTER_TORCH=cpu  bash scripts/setup.sh   # force the CPU build of torch
 #   UNIFILTER_BROWSER=1  bash scripts/setup.sh   # also install Debian's chromium for browser tests
@@ -14,7 +15,7 @@ cd "$(dirname "$0")/.."
 
 VENV="${UNIFILTER_VENV:-.venv}"
 PY="${PYTHON:-python3}"
-EXTRAS="${UNIFILTER_EXTRAS:-dev,training,ray}"
+EXTRAS="${UNIFILTER_EXTRAS-dev,training,ray}"  # set but empty: no extras
 TORCH_VERSION="${UNIFILTER_TORCH_VERSION:-2.13.0}"
 
 log() { printf '[setup] %s\n' "$*" >&2; }
@@ -50,8 +51,13 @@ if [[ ",$EXTRAS," == *",training,"* ]]; then
     "$VPY" -m pip install -q ninja packaging psutil py-cpuinfo hjson pydantic
     DS_BUILD_OPS=0 "$VPY" -m pip install -q --no-build-isolation "deepspeed>=0.16"
 fi
-log "installing unifilter[$EXTRAS]"
-"$VPY" -m pip install -q -e ".[${EXTRAS}]"
+if [ -n "$EXTRAS" ]; then
+    log "installing unifilter[$EXTRAS]"
+    "$VPY" -m pip install -q -e ".[${EXTRAS}]"
+else
+    log "installing unifilter (no extras)"
+    "$VPY" -m pip install -q -e .
+fi
 
 if [ "${UNIFILTER_BROWSER:-0}" = 1 ]; then
     if ! command -v chromium >/dev/null 2>&1; then

@@ -167,6 +167,27 @@ def test_quality_dataset_records_failures_and_swaps(processor, tiny_data: Path) 
     assert sorted(after) == sorted(before)
 
 
+def test_quality_dataset_serves_captions_text_first(processor, tiny_data: Path) -> None:
+    dataset = QualityDataset(processor, tiny_data / "train.json", text_first_fraction=1.0, cache_images=True)
+    caption = dataset.entries[0]
+    record = json.loads((tiny_data / "train.json").read_text())[0]
+    words = record["text"].removeprefix("<image>\n")
+    want = processor.document_ids(f"{words}\n\n<image>", None)[0]
+    assert caption.input_ids[1] == IMAGE_TOKEN_INDEX  # the record's own layout is kept
+    assert caption.text_first_ids == want and want[-2:] == [IMAGE_TOKEN_INDEX, processor.eos_id]
+    item = dataset[0]
+    assert item["input_ids"] == want and item["labels"] == record["label"]
+    doc = next(e for e in dataset.entries if len(e.images) == 2)
+    assert doc.text_first_ids is None  # documents keep their layout
+    half = QualityDataset(processor, tiny_data / "train.json", text_first_fraction=0.5, seed=3)
+    served = [half[i]["input_ids"] == half.entries[i].text_first_ids for i in range(32)]
+    assert 4 <= sum(served) <= 28  # a fresh draw per access
+    plain = QualityDataset(processor, tiny_data / "train.json")
+    assert all(e.text_first_ids is None for e in plain.entries)
+    with pytest.raises(ValueError, match="text_first_fraction"):
+        QualityDataset(processor, tiny_data / "train.json", text_first_fraction=1.5)
+
+
 # ------------------------------------------------------------------------------------------------- configs
 def test_presets_and_overrides() -> None:
     released = load_config("released", "stage2", ["model_path=m", "learning_rate=1e-4", "deepspeed=null"])
@@ -178,6 +199,9 @@ def test_presets_and_overrides() -> None:
         load_config("world", "stage2", {"learning_rat": 1.0})
     with pytest.raises(ValueError, match="unknown training preset"):
         load_config("nope", "stage1")
+    bad = {"model_path": "m", "output_dir": "o", "data_path": "d", "eval_data_path": "v"}
+    with pytest.raises(ValueError, match="text_first_fraction"):
+        load_config("world", "stage2", {**bad, "text_first_fraction": -0.1}).validate()
 
 
 # ------------------------------------------------------------------------------------------------- training

@@ -36,7 +36,7 @@ class WorldConfig:
     pairs_per_image: int = 4
     level_weights: tuple[float, ...] = (0.25, 0.25, 0.25, 0.25)  # share of levels 0..3 in synthetic pairs
     # synthetic interleaved pairs: documents share image sets in blocks of pairs_per_image
-    train_documents: int = 1000
+    train_documents: int = 4000  # 1000 image sets x 4 levels (docs/training.md: documents, run Y)
     val_documents: int = 200
     max_doc_images: int = 3  # 1..max_doc_images images per document
     # LLaVA-Pretrain-format caption set (stage 1's image grounding: 10,000 grounds far better than 2,500 at

@@ -43,9 +43,13 @@ def is_main_process() -> bool:
 
 
 def setup_torch(config: TrainConfig) -> None:
-    """Apply CPU thread settings."""
-    if config.torch_threads:
-        torch.set_num_threads(config.torch_threads)
+    """Apply CPU thread settings (``"auto"``: the cores idle now)."""
+    from unifilter_core.cpus import resolve_threads
+
+    threads = resolve_threads(config.torch_threads)
+    if threads:
+        torch.set_num_threads(threads)
+        logger.info("torch threads: %d (torch_threads=%s)", threads, config.torch_threads)
 
 
 def load_model(path: str, **kwargs: Any) -> Any:

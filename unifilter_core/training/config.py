@@ -46,7 +46,9 @@ class TrainConfig:
             token embeddings, decoder layers and final norm).
         seed: random seed (data order, swaps, dropout).
         dataloader_num_workers: data-loader worker processes (0: in the main process).
-        torch_threads: CPU threads for torch (None: leave torch's default).
+        torch_threads: CPU threads for torch: an int, ``"auto"`` (the cores idle when training starts:
+            ``unifilter_core.cpus.idle_cpus``; thread counts do not change the results on CPU) or None (torch's
+            default).
         logging_steps: log the training loss every so many optimiser steps.
         save_total_limit: intermediate checkpoints kept (the newest ones; the best one is always kept).
         max_length: longest spliced sequence (None: the checkpoint's ``tokenizer_model_max_length``).
@@ -77,7 +79,7 @@ class TrainConfig:
     freeze_projector: bool = False
     seed: int = 0
     dataloader_num_workers: int = 0
-    torch_threads: int | None = None
+    torch_threads: int | str | None = None
     logging_steps: int = 10
     save_total_limit: int = 2
     max_length: int | None = None
@@ -98,6 +100,10 @@ class TrainConfig:
             raise ValueError("per_device_train_batch_size and gradient_accumulation_steps must be >= 1")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.torch_threads != "auto":
+            from unifilter_core.cpus import resolve_threads
+
+            resolve_threads(self.torch_threads)  # raises on a bad value
         if self.global_batch_size is not None and self.global_batch_size < 1:
             raise ValueError(f"global_batch_size must be None or >= 1, got {self.global_batch_size}")
 
@@ -141,6 +147,9 @@ class Stage2Config(TrainConfig):
         swap_negative_fraction: share of level-3 training samples given another sample's image(s) and label
             ``swap_negative_label`` (teaches the model that a fine text does not fit any image).
         swap_negative_label: level given to swapped samples.
+        text_first_fraction: share of caption training samples shown with the image after the caption (the
+            layout of documents whose descriptions precede their images), label unchanged; 0 keeps the released
+            recipe.
         per_device_eval_batch_size: samples per device per evaluation forward.
         metric: metric that picks the best epoch (``accuracy`` released; ``spearman`` or ``macro_f1``).
         max_images: documents with more images are skipped (recorded, not trained on).
@@ -154,6 +163,7 @@ class Stage2Config(TrainConfig):
     regression_loss: Literal["mse", "l1", "huber"] = "mse"
     swap_negative_fraction: float = 0.0
     swap_negative_label: int = 1
+    text_first_fraction: float = 0.0
     per_device_eval_batch_size: int = 32
     metric: Literal["accuracy", "spearman", "macro_f1"] = "accuracy"
     max_images: int | None = 10
@@ -164,6 +174,8 @@ class Stage2Config(TrainConfig):
         super().validate()
         if not 0 <= self.swap_negative_fraction <= 1:
             raise ValueError(f"swap_negative_fraction must be in [0, 1], got {self.swap_negative_fraction}")
+        if not 0 <= self.text_first_fraction <= 1:
+            raise ValueError(f"text_first_fraction must be in [0, 1], got {self.text_first_fraction}")
         if self.num_labels is not None and self.num_labels < 1:
             raise ValueError(f"num_labels must be None or >= 1, got {self.num_labels}")
         if self.regression_loss not in ("mse", "l1", "huber"):

@@ -55,6 +55,7 @@ class Entry:
     input_ids: list[int]
     images: tuple[str, ...]
     label: int | float = 0
+    text_first_ids: list[int] | None = None  # a caption's ids with its image after the text (stage 2)
 
 
 def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -293,8 +294,11 @@ class QualityDataset(RecordDataset):
         num_levels: labels must be integers in ``0..num_levels-1``.
         swap_negative_fraction: share of top-level samples served with another sample's image(s) and
             ``swap_negative_label`` (training only; fresh draw on each access).
+        text_first_fraction: share of caption samples (one image, ``<image>`` first) served with the image after
+            the caption, in the document layout (``caption\n\n<image>``), label unchanged (training only; fresh
+            draw on each access): practice for documents whose descriptions come before their images.
         cache_images: see :class:`RecordDataset`.
-        seed: seed of the swap draws.
+        seed: seed of the swap and layout draws.
     """
 
     def __init__(
@@ -309,10 +313,14 @@ class QualityDataset(RecordDataset):
         num_levels: int = 4,
         swap_negative_fraction: float = 0.0,
         swap_negative_label: int = 1,
+        text_first_fraction: float = 0.0,
         cache_images: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__(processor, cache_images)
+        if not 0 <= text_first_fraction <= 1:
+            raise ValueError(f"text_first_fraction must be in [0, 1], got {text_first_fraction}")
+        self.text_first_fraction = text_first_fraction
         records = read_records(data_path)
         folder = resolve_image_folder(data_path, image_folder, _first_image(records))
         self.num_levels = num_levels
@@ -355,10 +363,16 @@ class QualityDataset(RecordDataset):
             return SampleFailure(
                 Reason.TOO_MANY_IMAGES, detail=f"{len(paths)} images > {max_images}", n_images=len(paths)
             )
+        text_first = None
         if len(paths) == 1:  # caption layout: the caption limit, like the scorer's prepare_caption
             p = self.processor
             ids, truncated = cap_and_fit(p, [p.bos_id, *p.tokenize_with_images(text), p.eos_id], cap)
             kept = sum(1 for t in ids if t == IMAGE_TOKEN_INDEX)
+            if self.text_first_fraction > 0 and text.startswith(IMAGE_TOKEN) and kept == 1:
+                caption = text[len(IMAGE_TOKEN) :].strip()
+                built = self.processor.document_ids(f"{caption}\n\n{IMAGE_TOKEN}", max_text)
+                if not isinstance(built, SampleFailure) and built[1] == 1:
+                    text_first = built[0]
         else:  # like the scorer's prepare_document: max_text_tokens before the max_length fit
             built = self.processor.document_ids(text, max_text)
             if isinstance(built, SampleFailure):
@@ -366,7 +380,7 @@ class QualityDataset(RecordDataset):
                 return built
             ids, kept, truncated = built
         self.n_truncated += truncated
-        return Entry(ids, tuple(str(folder / p) for p in paths[:kept]), label)
+        return Entry(ids, tuple(str(folder / p) for p in paths[:kept]), label, text_first)
 
     def labels(self) -> list[int | float]:
         """Labels of the usable records, in order (floats only where the JSON had them: regression heads)."""
@@ -390,7 +404,10 @@ class QualityDataset(RecordDataset):
         pixels = self._pixels(images)
         if pixels is None:
             return None
-        return {"input_ids": entry.input_ids, "pixel_values": pixels, "labels": label}
+        ids = entry.input_ids
+        if entry.text_first_ids is not None and self._rng.random() < self.text_first_fraction:
+            ids = entry.text_first_ids
+        return {"input_ids": ids, "pixel_values": pixels, "labels": label}
 
 
 @dataclass

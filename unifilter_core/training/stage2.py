@@ -114,6 +114,7 @@ def make_dataset(
         max_text_tokens=config.max_text_tokens,
         swap_negative_fraction=config.swap_negative_fraction if train else 0.0,
         swap_negative_label=config.swap_negative_label,
+        text_first_fraction=config.text_first_fraction if train else 0.0,
         cache_images=cache_images,
         seed=config.seed,
     )
@@ -129,7 +130,7 @@ def _quality_trainer_class() -> type:
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
             features = {k: v for k, v in inputs.items() if k != "labels"}
-            outputs = model(**features)
+            outputs = model(**features, last_token_only=True)  # the loss reads the last tokens only
             loss = quality_loss(outputs.logits, inputs["labels"], self.regression_loss)
             return (loss, {"logits": outputs.logits}) if return_outputs else loss
 

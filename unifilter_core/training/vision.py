@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unifilter_core.cpus import resolve_threads
 from unifilter_core.synth.scenes import COLOURS, POSITIONS, SHAPES, TEXTURES, TONES
 
 logger = logging.getLogger(__name__)
@@ -56,10 +57,12 @@ class VisionPretrainConfig:
     learning_rate: float = 2e-3
     warmup_fraction: float = 0.05
     seed: int = 0
-    torch_threads: int = 1
+    torch_threads: int | str = "auto"  # "auto": the cores idle when it starts (unifilter_core.cpus.idle_cpus)
 
     def __post_init__(self) -> None:
-        for name in ("images", "eval_images", "epochs", "batch_size", "torch_threads"):
+        if self.torch_threads != "auto":
+            resolve_threads(self.torch_threads)  # raises on a bad value
+        for name in ("images", "eval_images", "epochs", "batch_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"VisionPretrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.learning_rate <= 0 or not 0 <= self.warmup_fraction < 1:
@@ -197,7 +200,7 @@ def pretrain_world_tower(
     """
     config = config or VisionPretrainConfig()
     threads = torch.get_num_threads()
-    torch.set_num_threads(config.torch_threads)
+    torch.set_num_threads(resolve_threads(config.torch_threads))
     try:
         return _pretrain(model, processor, world, config)
     finally:
