@@ -6,7 +6,7 @@ evaluates the classifier on the validation world (drawn with another seed) for c
 sample's own image and with images shuffled between samples (the classifier must use the image: Spearman has to
 fall). Prints one line per figure and writes them to ``benchmarks/results/world_training.json``.
 
-    python benchmarks/world_training.py --root /tmp/world          # about 8-9 minutes on 2 CPU cores
+    python benchmarks/world_training.py --root /tmp/world          # about 6 minutes on 2 CPU cores
     python benchmarks/world_training.py --root /tmp/world --set stage2.num_train_epochs=3
     python benchmarks/world_training.py --root /tmp/world --seeds 0 1 2     # each seed, their mean and spread
     python benchmarks/world_training.py --root /tmp/w4k --world train_documents=4000

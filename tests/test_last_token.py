@@ -8,25 +8,27 @@ import pytest
 import torch
 
 import unifilter_core.modeling.last_token as last_token
+from tests.modeling_helpers import pad_batch, random_pixels
 from unifilter_core import load_scorer
 from unifilter_core.modeling import load_preset
 from unifilter_core.modeling.init import build_random_model
-from unifilter_core.modeling.last_token import last_token_logits, supports_last_token
+from unifilter_core.modeling.last_token import supports_last_token
 
 SENTINEL = -200
 
 
 def _batch(lens: list[int], image_at: dict[int, list[int]], size: int, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.full((len(lens), max(lens)), 7)
-    mask = torch.zeros(len(lens), max(lens), dtype=torch.long)
-    for row, n in enumerate(lens):
-        ids[row, :n] = torch.randint(0, 500, (n,), generator=gen)
-        for col in image_at.get(row, []):
-            ids[row, col] = SENTINEL
-        mask[row, :n] = 1
-    pixels = torch.randn(int((ids == SENTINEL).sum()), 3, size, size, generator=gen)
-    return ids, mask, pixels
+    rows = [torch.randint(0, 500, (n,), generator=gen).tolist() for n in lens]
+    for row, cols in image_at.items():
+        for col in cols:
+            rows[row][col] = SENTINEL
+    ids, mask = pad_batch(rows, pad=7)
+    return ids, mask, random_pixels(sum(r.count(SENTINEL) for r in rows), seed=seed, size=size)
+
+
+def last_token_logits(model, ids, mask, pixels):
+    return model(input_ids=ids, attention_mask=mask, pixel_values=pixels, last_token_only=True).logits
 
 
 @pytest.fixture(scope="module", params=["tiny", "tiny-qwen3", "world"])
@@ -114,13 +116,13 @@ def test_scorer_uses_it_and_scores_equal_the_full_forward(
     tiny_checkpoint: Path, make_image, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = []
-    original = last_token.last_token_pooled
+    original = last_token.last_token_hidden
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(last_token, "last_token_pooled", counting)
+    monkeypatch.setattr(last_token, "last_token_hidden", counting)
     pairs = [(make_image(30 + 5 * i, 40, seed=i), "a small red cube " * (1 + 2 * i)) for i in range(5)]
     docs = [{"texts": ["intro", None, "more words " * 6], "images": [None, make_image(20, 30, 9), None]}]
     scorer = load_scorer(tiny_checkpoint, batch_size=3)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 AUTO = "auto"
 
@@ -19,7 +20,7 @@ def available_cpus() -> int:
 def _cpu_times(cpus: set[int]) -> tuple[float, float] | None:
     """(idle, total) jiffies summed over ``cpus`` from ``/proc/stat``; None where it cannot be read."""
     try:
-        lines = open("/proc/stat", encoding="ascii").read().splitlines()  # noqa: SIM115
+        lines = Path("/proc/stat").read_text(encoding="ascii").splitlines()
     except OSError:
         return None
     idle = total = 0.0

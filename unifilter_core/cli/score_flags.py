@@ -91,10 +91,7 @@ def add_flags(p: argparse.ArgumentParser, kind: str) -> None:
         "credentials and endpoint from the AWS_* environment)",
     )
     p.add_argument("--gpu-id", type=int, default=0, help="block index I: the tars with ids in [I*N, (I+1)*N)")
-    batch, cpu_batch = (
-        _DEFAULT_BATCH_HELP[kind],
-        _CPU_BATCH_HELP[kind],
-    )  # ScoringSettings' (a test keeps them equal)
+    batch, cpu_batch = _DEFAULT_BATCH_HELP[kind], _CPU_BATCH_HELP[kind]  # ScoringSettings' (a test checks)
     default = f"{batch}" if batch == cpu_batch else f"{batch}, {cpu_batch} on CPU"
     p.add_argument("--batch-size", type=int, default=None, help=f"samples per model call (default {default})")
     p.add_argument(

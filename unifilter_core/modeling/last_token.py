@@ -1,7 +1,7 @@
 """Scoring forward that computes only what the score head reads.
 
 The head reads one vector per sequence: the final-normed hidden state of its last real token. In the last decoder
-layer only that token's row matters, so :func:`last_token_logits` runs the first ``n - 1`` layers on every token
+layer only that token's row matters, so :func:`last_token_hidden` runs the first ``n - 1`` layers on every token
 and the last layer on the last token alone (its keys and values still come from every token): the last layer's
 query projection, attention output, output projection and MLP shrink from ``L`` rows to one. On the ``world``
 preset (3 layers) that is about 30% of the LLM's work; on the released 28-layer model about 3%.
@@ -22,16 +22,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-
-from unifilter_core.modeling.splice import splice_image_features
+from transformers.models.qwen2.modeling_qwen2 import rotate_half  # Qwen3's is the same function
 
 _BODIES = ("Qwen2Model", "Qwen3Model")
 _ATTENTIONS = ("sdpa", "eager", "flash_attention_2")
 
 
 def supports_last_token(model: Any) -> bool:
-    """Whether :func:`last_token_logits` can run ``model``'s LLM (else use the full forward)."""
+    """Whether :func:`last_token_hidden` can run ``model``'s LLM (else use the full forward)."""
     lm = model.model.language_model
     config = lm.config
     layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
@@ -76,8 +74,8 @@ def _last_layer_at(
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, len, D)
     cos_q, sin_q = cos[rows, last][:, None, None, :], sin[rows, last][:, None, None, :]
-    q = q * cos_q + _rotate_half(q) * sin_q
-    k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+    q = q * cos_q + rotate_half(q) * sin_q
+    k = k * cos[:, None] + rotate_half(k) * sin[:, None]
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -90,50 +88,24 @@ def _last_layer_at(
     return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def last_token_pooled(
-    model: Any,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    pixel_values: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The head's input, ``[B, H]`` final-normed hidden states of each row's last real token, and the spliced
-    ``[B, L]`` mask, equal to the full forward's (to float rounding), with the last decoder layer run on the last
-    tokens only. Works under autograd (stage-2 training) and ``inference_mode``.
+def last_token_hidden(
+    lm: Any, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, last: torch.Tensor
+) -> torch.Tensor:
+    """``[B, H]`` final-normed hidden states at each row's ``last`` token, equal to the body's full forward (to
+    float rounding), with the last decoder layer run on those tokens only. Works under autograd (stage-2
+    training) and ``inference_mode``.
 
     Args:
-        model: a ``UniFilterForQualityScoring`` for which :func:`supports_last_token` holds.
-        input_ids / attention_mask / pixel_values: as for the model's forward (right padded).
+        lm: the language model body of a model for which :func:`supports_last_token` holds.
+        inputs_embeds: ``[B, L, H]`` spliced embeddings, right padded.
+        position_ids: ``[B, L]``.
+        last: ``[B]`` index of each row's last real token.
     """
-    image_features = model.encode_images(pixel_values) if pixel_values is not None else None
-    lm = model.model.language_model
-    hidden, mask = splice_image_features(
-        input_ids, attention_mask, image_features, lm.get_input_embeddings(), model.config.image_token_index
-    )
-    batch, length = mask.shape
-    last = mask.sum(dim=1).long() - 1
-    if bool((last < 0).any()):
-        raise ValueError("every row needs at least one real token (attention_mask row of zeros)")
-    position_ids = torch.arange(length, device=hidden.device)[None, :].expand(batch, -1)
+    hidden = inputs_embeds
     cos, sin = lm.rotary_emb(hidden, position_ids)
-    causal = _causal_mask(length, lm.config._attn_implementation, hidden)
+    causal = _causal_mask(hidden.shape[1], lm.config._attn_implementation, hidden)
     for layer in lm.layers[:-1]:
         hidden = _layer(
             layer, hidden, attention_mask=causal, position_ids=position_ids, position_embeddings=(cos, sin)
         )
-    return lm.norm(_last_layer_at(lm.layers[-1], hidden, last, cos, sin)), mask
-
-
-def last_token_logits(
-    model: Any,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    pixel_values: torch.Tensor | None,
-) -> torch.Tensor:
-    """``[B, num_labels]`` float32 logits from :func:`last_token_pooled` (the head in fp32, as the model's)."""
-    pooled, _ = last_token_pooled(model, input_ids, attention_mask, pixel_values)
-    return F.linear(pooled.float(), model.score.weight.float())
+    return lm.norm(_last_layer_at(lm.layers[-1], hidden, last, cos, sin))

@@ -22,6 +22,7 @@ from transformers.conversion_mapping import register_checkpoint_conversion_mappi
 from transformers.utils import ModelOutput
 
 from unifilter_core.fileio import atomic_write_text
+from unifilter_core.modeling import last_token
 from unifilter_core.modeling.configuration_unifilter import (
     CONFIG_NAME,
     UniFilterConfig,
@@ -227,16 +228,6 @@ class UniFilterForQualityScoring(PreTrainedModel):
         kwargs.pop("num_items_in_batch", None)  # passed by transformers' Trainer; the loss is a plain mean
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if last_token_only and not kwargs:
-            from unifilter_core.modeling import last_token
-
-            if last_token.supports_last_token(self):
-                pooled, mask = last_token.last_token_pooled(self, input_ids, attention_mask, pixel_values)
-                logits = F.linear(pooled.float(), self.score.weight.float())
-                loss = self._loss(logits, labels) if labels is not None else None
-                return QualityScoringOutput(
-                    loss=loss, logits=logits, pooled_hidden_state=pooled, attention_mask=mask
-                )
         image_features = self.encode_images(pixel_values) if pixel_values is not None else None
         embed = self.get_input_embeddings()
         inputs_embeds, mask = splice_image_features(
@@ -244,18 +235,22 @@ class UniFilterForQualityScoring(PreTrainedModel):
         )
         batch, length = mask.shape
         position_ids = torch.arange(length, device=mask.device)[None, :].expand(batch, -1)
-        outputs = self.model.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=mask,
-            position_ids=position_ids,
-            use_cache=False,
-            **kwargs,
-        )
-        hidden = outputs.last_hidden_state  # (B, L, H), already final-normed
         last = mask.sum(dim=1).long() - 1
         if bool((last < 0).any()):
             raise ValueError("every row needs at least one real token (attention_mask row of zeros)")
-        pooled = hidden[torch.arange(batch, device=hidden.device), last]  # (B, H)
+        lm = self.model.language_model
+        if last_token_only and not kwargs and last_token.supports_last_token(self):
+            pooled = last_token.last_token_hidden(lm, inputs_embeds, position_ids, last)  # (B, H)
+        else:
+            outputs = lm(
+                inputs_embeds=inputs_embeds,
+                attention_mask=mask,
+                position_ids=position_ids,
+                use_cache=False,
+                **kwargs,
+            )
+            hidden = outputs.last_hidden_state  # (B, L, H), already final-normed
+            pooled = hidden[torch.arange(batch, device=hidden.device), last]  # (B, H)
         logits = F.linear(pooled.float(), self.score.weight.float())  # (B, num_labels), head in fp32
         loss = self._loss(logits, labels) if labels is not None else None
         return QualityScoringOutput(loss=loss, logits=logits, pooled_hidden_state=pooled, attention_mask=mask)

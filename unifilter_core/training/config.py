@@ -47,8 +47,8 @@ class TrainConfig:
         seed: random seed (data order, swaps, dropout).
         dataloader_num_workers: data-loader worker processes (0: in the main process).
         torch_threads: CPU threads for torch: an int, ``"auto"`` (the cores idle when training starts:
-            ``unifilter_core.cpus.idle_cpus``; thread counts do not change the results on CPU) or None (torch's
-            default).
+            ``unifilter_core.cpus.idle_cpus``; another thread count changes float rounding, docs/training.md) or
+            None (torch's default).
         logging_steps: log the training loss every so many optimiser steps.
         save_total_limit: intermediate checkpoints kept (the newest ones; the best one is always kept).
         max_length: longest spliced sequence (None: the checkpoint's ``tokenizer_model_max_length``).
